@@ -1,0 +1,42 @@
+# pipeline-ops: `make run` (the demo on embedded SQLite) and `make test` (the suite on SQLite and PostgreSQL).
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+TEST_DATABASE_URL ?= postgres://postgres@127.0.0.1:5432/postgres
+PYTEST_ARGS ?=
+
+.PHONY: setup browser run test test-sqlite test-postgres bench chaos clean
+
+## setup: create .venv and install the pinned dependencies (requirements/lock.txt)
+setup: $(STAMP)
+$(STAMP): requirements/lock.txt
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements/lock.txt
+	@touch $@
+
+## browser: Debian's Chromium for the admin's browser tests (Playwright cannot download one here)
+browser:
+	@command -v chromium >/dev/null || { command -v apt-get >/dev/null && (apt-get update -qq && apt-get install -y -qq chromium >/dev/null); } || { echo "chromium is missing and could not be installed"; exit 1; }
+
+## run: set up, migrate the embedded SQLite database and run the demo
+run: setup
+	DEBUG=1 $(PY) manage.py demo
+
+## test: set up, then run the whole suite on SQLite and again on PostgreSQL
+test: setup browser
+	TEST_DATABASE_URL=$(TEST_DATABASE_URL) PYTEST_ARGS="$(PYTEST_ARGS)" bash tests/run_suite.sh
+
+test-sqlite: setup
+	DATABASE_URL=sqlite:///$(CURDIR)/var/test-unused.sqlite3 $(PY) -m pytest $(PYTEST_ARGS)
+
+test-postgres: setup
+	DATABASE_URL=$(TEST_DATABASE_URL) $(PY) -m pytest $(PYTEST_ARGS)
+
+## bench: the benchmarks (not tests); each prints ratios against a baseline measured in the same run
+bench: setup
+	$(PY) bench/guard.py
+
+clean:
+	rm -rf $(VENV) var/*.sqlite3*

@@ -1,0 +1,7 @@
+from django.apps import AppConfig
+
+
+class IdempotencyConfig(AppConfig):
+    name = "idempotency"
+    verbose_name = "Idempotency log"
+    default_auto_field = "django.db.models.BigAutoField"

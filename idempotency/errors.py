@@ -1,0 +1,67 @@
+"""Errors of the idempotency app, each with its HTTP meaning and a stable ``code``, in one place.
+
+The DRF integration renders any of them as problem+json; other callers may simply catch them.
+"""
+from __future__ import annotations
+
+from datetime import datetime
+
+
+class IdempotencyError(Exception):
+    status_code = 400
+    code = "idempotency_error"
+    default_message = "The idempotency key could not be used."
+
+    def __init__(self, message: str | None = None, *, detail: dict | None = None):
+        self.message = message or self.default_message
+        self.detail = detail or {}
+        super().__init__(self.message)
+
+
+class KeyMissingError(IdempotencyError):
+    status_code = 400
+    code = "idempotency_key_missing"
+    default_message = "This request needs an Idempotency-Key header."
+
+
+class KeyMalformedError(IdempotencyError):
+    status_code = 400
+    code = "idempotency_key_malformed"
+    default_message = "The Idempotency-Key header must be 1-255 printable ASCII characters."
+
+
+class KeyInProgressError(IdempotencyError):
+    """Another attempt holds the key (or its retry is not due yet); come back at ``until``."""
+
+    status_code = 409
+    code = "idempotency_key_in_progress"
+    default_message = "A request with this Idempotency-Key is still being processed; retry later."
+
+    def __init__(self, message: str | None = None, *, until: datetime | None = None, retry_after: int = 1, detail: dict | None = None):
+        self.until = until
+        self.retry_after = max(1, int(retry_after))
+        super().__init__(message, detail=detail)
+
+
+class KeyReusedError(IdempotencyError):
+    """The key was used before for another operation or another request body."""
+
+    status_code = 422
+    code = "idempotency_key_reused"
+    default_message = "This Idempotency-Key was already used with a different request."
+
+
+class KeyFailedError(IdempotencyError):
+    """The key's work failed for good; an operator retry (or a new key) is needed."""
+
+    status_code = 409
+    code = "idempotency_key_failed"
+    default_message = "The work for this Idempotency-Key failed permanently; use a new key."
+
+
+class AttemptFencedError(IdempotencyError):
+    """This attempt no longer holds its key: stop working, nothing it writes will be kept."""
+
+    status_code = 409
+    code = "attempt_fenced"
+    default_message = "This attempt was superseded by a newer one; its work is discarded."

@@ -1,0 +1,384 @@
+"""The guard: claim a key, heartbeat, complete or fail, with a fencing number and a lease.
+
+Every function here is a service: keyword-only, typed, and built from conditional UPDATEs so
+that losing a race shows up as "0 rows updated" rather than as a silent double write.
+
+The rule that makes a late attempt harmless: every move an attempt makes on its record is
+conditional on ``status = PROCESSING and attempt_count = attempt.number``. Once a newer attempt
+has claimed the key (raising ``attempt_count``), the old one can only write on its own Attempt row.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import traceback as traceback_module
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from django.db import IntegrityError, transaction
+from django.db.models import F
+from django.utils import timezone
+
+from . import conf
+from .models import Attempt, IdempotencyRecord
+from .policy import NO_RETRY, RetryPolicy
+from .states import AttemptStatus, RecordStatus, attempt_sources
+
+_HOSTNAME = socket.gethostname()
+
+
+def default_worker() -> str:
+    return f"{_HOSTNAME}:{os.getpid()}"
+
+
+# --- claim outcomes -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Claimed:
+    """The caller now holds the key: run the work, then ``complete`` or ``fail``."""
+
+    attempt: Attempt
+
+    @property
+    def record(self) -> IdempotencyRecord:
+        return self.attempt.record
+
+
+@dataclass(frozen=True)
+class Replay:
+    """The key is COMPLETED: return ``result`` and run nothing."""
+
+    record: IdempotencyRecord
+
+    @property
+    def result(self) -> Any:
+        return self.record.result
+
+
+@dataclass(frozen=True)
+class InFlight:
+    """Another attempt holds the key, or its retry is not due yet: do not run; try again at ``until``."""
+
+    record: IdempotencyRecord
+    until: datetime
+
+    def retry_after_seconds(self, *, now: datetime | None = None) -> int:
+        remaining = (self.until - (now or timezone.now())).total_seconds()
+        return max(1, int(remaining + 0.999))
+
+
+@dataclass(frozen=True)
+class Mismatch:
+    """The key was used with another operation or fingerprint: do not run."""
+
+    record: IdempotencyRecord
+
+
+@dataclass(frozen=True)
+class Failed:
+    """The key failed for good (no retry allowed): do not run; an operator may ``reopen`` it."""
+
+    record: IdempotencyRecord
+
+
+ClaimOutcome = Claimed | Replay | InFlight | Mismatch | Failed
+
+
+@dataclass(frozen=True)
+class Completion:
+    """What ``complete`` did. ``fenced``: this attempt lost the key and its write was rolled back;
+    ``result`` is then the winner's stored result (None if nobody has completed yet)."""
+
+    fenced: bool
+    result: Any
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class FailureOutcome:
+    """What ``fail`` decided. ``retry_at`` None means terminal; ``held`` False means the attempt had
+    already lost the key, so only its own Attempt row was written."""
+
+    retry_at: datetime | None
+    held: bool
+
+    @property
+    def terminal(self) -> bool:
+        return self.held and self.retry_at is None
+
+
+# --- claim --------------------------------------------------------------------------------------
+
+
+def claim(
+    *,
+    scope: str,
+    key: str,
+    operation: str,
+    fingerprint: str,
+    lease_seconds: float | None = None,
+    max_attempts: int | None = None,
+    worker: str | None = None,
+    now: datetime | None = None,
+) -> ClaimOutcome:
+    """Take the key for a new attempt, or say why not.
+
+    The unique constraint on ``(scope, key)`` arbitrates: the insert either wins or conflicts,
+    and a conflict is decided under a row lock on the existing record. Each claim raises
+    ``attempt_count``; the new Attempt gets that number. ``max_attempts`` bounds takeovers of
+    expired leases (a worker that keeps dying mid-step is dead-lettered as FAILED).
+
+    Never raises for a busy or used key: the outcome says so.
+    """
+    now = now or timezone.now()
+    lease = timedelta(seconds=lease_seconds if lease_seconds is not None else conf.get("LEASE_SECONDS"))
+    worker = worker or default_worker()
+    for _ in range(3):
+        try:
+            with transaction.atomic():
+                record = IdempotencyRecord.objects.create(
+                    scope=scope,
+                    key=key,
+                    operation=operation,
+                    fingerprint=fingerprint,
+                    status=RecordStatus.PROCESSING,
+                    attempt_count=1,
+                    lease_expires_at=now + lease,
+                    expires_at=now + _retention(),
+                )
+                attempt = Attempt.objects.create(record=record, number=1, worker=worker, started_at=now)
+            return Claimed(attempt)
+        except IntegrityError:
+            pass  # the key exists: decide below, under its row lock
+        with transaction.atomic():
+            record = IdempotencyRecord.objects.select_for_update().filter(scope=scope, key=key).first()
+            if record is not None:
+                return _claim_existing(
+                    record, operation=operation, fingerprint=fingerprint, lease=lease,
+                    max_attempts=max_attempts, worker=worker, now=now,
+                )
+        # Purged between our insert and our lock: insert again.
+    raise RuntimeError(f"could not claim {scope}/{key}: the record kept disappearing")
+
+
+def _claim_existing(
+    record: IdempotencyRecord,
+    *,
+    operation: str,
+    fingerprint: str,
+    lease: timedelta,
+    max_attempts: int | None,
+    worker: str,
+    now: datetime,
+) -> ClaimOutcome:
+    if record.operation != operation or record.fingerprint != fingerprint:
+        return Mismatch(record)
+    if record.status == RecordStatus.COMPLETED:
+        IdempotencyRecord.objects.filter(pk=record.pk).update(replay_count=F("replay_count") + 1)
+        record.replay_count += 1
+        return Replay(record)
+    if record.status == RecordStatus.PROCESSING:
+        if record.lease_expires_at is not None and record.lease_expires_at > now:
+            return InFlight(record, until=record.lease_expires_at)
+        # The holder's lease ran out: it died or stalled. Supersede it; if it ever finishes,
+        # its completion is fenced because attempt_count moves past its number.
+        _attempt_end(
+            record_id=record.pk, number=record.attempt_count, status=AttemptStatus.TIMED_OUT, now=now,
+            error_type="LeaseExpired", message=f"lease expired at {record.lease_expires_at:%Y-%m-%d %H:%M:%S}; superseded",
+        )
+        if max_attempts is not None and record.attempt_count >= max_attempts:
+            IdempotencyRecord.objects.filter(pk=record.pk, status=RecordStatus.PROCESSING).update(
+                status=RecordStatus.FAILED, retry_at=None, lease_expires_at=None, updated_at=now,
+                error_summary=f"gave up: {record.attempt_count} attempts started, the last lease expired",
+            )
+            record.refresh_from_db()
+            return Failed(record)
+    elif record.status == RecordStatus.FAILED:
+        if record.retry_at is None:
+            return Failed(record)
+        if record.retry_at > now:
+            return InFlight(record, until=record.retry_at)
+    number = record.attempt_count + 1
+    IdempotencyRecord.objects.filter(pk=record.pk, attempt_count=record.attempt_count).update(
+        status=RecordStatus.PROCESSING, attempt_count=number, lease_expires_at=now + lease,
+        retry_at=None, updated_at=now,
+    )
+    record.status, record.attempt_count, record.lease_expires_at, record.retry_at = (
+        RecordStatus.PROCESSING, number, now + lease, None,
+    )
+    attempt = Attempt.objects.create(record=record, number=number, worker=worker, started_at=now)
+    return Claimed(attempt)
+
+
+# --- moves of a running attempt -----------------------------------------------------------------
+
+
+def _held_by(attempt: Attempt):
+    """The record, filtered to match only while ``attempt`` still holds the key."""
+    return IdempotencyRecord.objects.filter(
+        pk=attempt.record_id, status=RecordStatus.PROCESSING, attempt_count=attempt.number
+    )
+
+
+def heartbeat(*, attempt: Attempt, lease_seconds: float | None = None, now: datetime | None = None) -> bool:
+    """Extend the lease of a running attempt. False means the attempt was superseded: stop."""
+    now = now or timezone.now()
+    lease = timedelta(seconds=lease_seconds if lease_seconds is not None else conf.get("LEASE_SECONDS"))
+    with transaction.atomic():
+        held = _held_by(attempt).update(lease_expires_at=now + lease, updated_at=now)
+        if held:
+            Attempt.objects.filter(pk=attempt.pk, status=AttemptStatus.RUNNING).update(heartbeat_at=now)
+    return bool(held)
+
+
+class _NotHolder(Exception):
+    pass
+
+
+def complete(
+    *,
+    attempt: Attempt,
+    result: Any,
+    write: Callable[[], Any] | None = None,
+    details: dict | None = None,
+    now: datetime | None = None,
+) -> Completion:
+    """Complete the key with ``result``, and run ``write`` (the domain write) in the same transaction.
+
+    The record moves to COMPLETED only where ``status = PROCESSING and attempt_count =
+    attempt.number``. If no row matches, a newer attempt owns the key: the domain write is rolled
+    back, the attempt is marked FENCED and the winner's result is returned. An attempt whose lease
+    expired but that nobody superseded still holds the key and may complete.
+
+    Call it outside any transaction (its atomic block is then the whole commit). Raises whatever
+    ``write`` raises, except an ``IntegrityError`` caused by a winner's row, which means fenced.
+    """
+    now = now or timezone.now()
+    try:
+        with transaction.atomic():
+            if write is not None:
+                write()
+            # Last, so the record's row lock is held for the shortest time.
+            held = _held_by(attempt).update(
+                status=RecordStatus.COMPLETED, result=result, completed_at=now, lease_expires_at=None,
+                retry_at=None, error_summary="", updated_at=now, expires_at=now + _retention(),
+            )
+            if not held:
+                raise _NotHolder
+            _attempt_end(attempt_id=attempt.pk, status=AttemptStatus.SUCCEEDED, now=now, details=details)
+        return Completion(fenced=False, result=result)
+    except _NotHolder:
+        reason = "finished after a newer attempt took the key; its write was rolled back"
+    except IntegrityError as exc:
+        if _held_by(attempt).exists():
+            raise  # a genuine domain error while we hold the key: let the caller fail the attempt
+        reason = f"finished late; the database refused its write ({type(exc).__name__})"
+    _attempt_end(
+        attempt_id=attempt.pk, status=AttemptStatus.FENCED, now=now,
+        error_type="Fenced", message=reason, details=details,
+    )
+    winner = IdempotencyRecord.objects.only("status", "result").get(pk=attempt.record_id)
+    return Completion(fenced=True, result=winner.result if winner.status == RecordStatus.COMPLETED else None, reason=reason)
+
+
+def fail(
+    *,
+    attempt: Attempt,
+    error: BaseException,
+    policy: RetryPolicy = NO_RETRY,
+    outcome_unknown: bool = False,
+    details: dict | None = None,
+    now: datetime | None = None,
+) -> FailureOutcome:
+    """Record ``error`` (type, message, traceback) on the attempt and decide what comes next.
+
+    ``outcome_unknown``: the external call timed out and may have happened; the attempt ends as
+    UNKNOWN, not FAILED. The policy then decides between a retry at ``retry_at`` (the record
+    waits as FAILED with a retry time) and a terminal FAILED. If the attempt had already lost the
+    key, only its own row is written.
+    """
+    now = now or timezone.now()
+    delay = policy.retry_delay(attempt_number=attempt.number, error=error)
+    retry_at = None if delay is None else now + timedelta(seconds=delay)
+    status = AttemptStatus.UNKNOWN if outcome_unknown else AttemptStatus.FAILED
+    summary = _one_line(error)
+    with transaction.atomic():
+        held = _held_by(attempt).update(
+            status=RecordStatus.FAILED, retry_at=retry_at, lease_expires_at=None,
+            error_summary=summary, updated_at=now,
+        )
+        _attempt_end(
+            attempt_id=attempt.pk, status=status, now=now, error_type=type(error).__name__,
+            message=str(error), traceback="".join(traceback_module.format_exception(error)), details=details,
+        )
+    return FailureOutcome(retry_at=retry_at if held else None, held=bool(held))
+
+
+# --- operators' moves ---------------------------------------------------------------------------
+
+
+def release(*, record: IdempotencyRecord, reason: str, now: datetime | None = None) -> bool:
+    """Take the key away from its running attempt (a stuck lease, or a forced retry).
+
+    The record becomes FAILED with a retry due now; the running attempt is marked TIMED_OUT and,
+    should it ever finish, is fenced. False if the record was not PROCESSING.
+    """
+    now = now or timezone.now()
+    with transaction.atomic():
+        locked = IdempotencyRecord.objects.select_for_update().filter(pk=record.pk, status=RecordStatus.PROCESSING).first()
+        if locked is None:
+            return False
+        IdempotencyRecord.objects.filter(pk=locked.pk).update(
+            status=RecordStatus.FAILED, retry_at=now, lease_expires_at=None,
+            error_summary=f"released by an operator: {reason}"[:500], updated_at=now,
+        )
+        _attempt_end(
+            record_id=locked.pk, number=locked.attempt_count, status=AttemptStatus.TIMED_OUT, now=now,
+            error_type="Released", message=f"released by an operator: {reason}",
+        )
+    return True
+
+
+def reopen(*, record: IdempotencyRecord, now: datetime | None = None) -> bool:
+    """Allow a new attempt on a FAILED key at once (an operator's retry). False if not FAILED."""
+    now = now or timezone.now()
+    return bool(
+        IdempotencyRecord.objects.filter(pk=record.pk, status=RecordStatus.FAILED).update(retry_at=now, updated_at=now)
+    )
+
+
+# --- helpers ------------------------------------------------------------------------------------
+
+
+def _retention() -> timedelta:
+    return timedelta(hours=conf.get("RETENTION_HOURS"))
+
+
+def _one_line(error: BaseException) -> str:
+    text = f"{type(error).__name__}: {error}".splitlines()[0] if str(error) else type(error).__name__
+    return text[:500]
+
+
+def _attempt_end(
+    *,
+    status: str,
+    now: datetime,
+    attempt_id=None,
+    record_id=None,
+    number: int | None = None,
+    error_type: str = "",
+    message: str = "",
+    traceback: str = "",
+    details: dict | None = None,
+) -> int:
+    """Move one attempt to ``status`` if the state table allows it from where it is."""
+    rows = Attempt.objects.filter(pk=attempt_id) if attempt_id is not None else Attempt.objects.filter(record_id=record_id, number=number)
+    changes: dict[str, Any] = {"status": status, "finished_at": now}
+    if error_type or message:
+        changes.update(error_type=error_type[:200], error_message=message, traceback=traceback)
+    if details:
+        changes["details"] = details
+    return rows.filter(status__in=attempt_sources(status)).update(**changes)

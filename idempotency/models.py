@@ -1,0 +1,149 @@
+"""The idempotency log: one record per key, one row per attempt at the key's work."""
+from __future__ import annotations
+
+import uuid
+
+from django.db import models
+from django.db.models import Q
+
+from .states import AttemptStatus, RecordStatus
+
+
+class IdempotencyRecordQuerySet(models.QuerySet):
+    def processing(self):
+        return self.filter(status=RecordStatus.PROCESSING)
+
+    def stuck(self, *, now):
+        """PROCESSING records whose lease ran out: their worker died or stalled."""
+        return self.filter(status=RecordStatus.PROCESSING, lease_expires_at__lt=now)
+
+    def expired(self, *, now):
+        """Past retention and safe to delete: finished, or failed with no retry pending."""
+        return self.filter(expires_at__lt=now).filter(
+            Q(status=RecordStatus.COMPLETED) | Q(status=RecordStatus.FAILED, retry_at__isnull=True)
+        )
+
+
+class IdempotencyRecord(models.Model):
+    scope = models.CharField(
+        max_length=100,
+        help_text="Owner namespace of the key (e.g. 'api:client-7' or 'step'): keys never collide across scopes.",
+    )
+    key = models.CharField(max_length=255, help_text="The idempotency key, unique within its scope.")
+    operation = models.CharField(
+        max_length=200,
+        help_text="What the key was first used for (e.g. 'POST /api/v1/inputs/'); another operation is a mismatch.",
+    )
+    fingerprint = models.CharField(
+        max_length=64,
+        help_text="SHA-256 of the canonical request or input; the same key with another fingerprint is a mismatch.",
+    )
+    status = models.CharField(
+        max_length=16,
+        choices=RecordStatus.choices,
+        default=RecordStatus.PROCESSING,
+        help_text="PROCESSING: an attempt holds the key. COMPLETED: the result is stored and replayed. FAILED: see retry at.",
+    )
+    attempt_count = models.PositiveIntegerField(
+        default=0,
+        help_text="Attempts started so far. Also the fencing token: only attempt number == this count may complete.",
+    )
+    lease_expires_at = models.DateTimeField(
+        null=True,
+        blank=True,
+        help_text="While PROCESSING: until when the current attempt holds the key. After it, a new attempt may take over.",
+    )
+    retry_at = models.DateTimeField(
+        null=True,
+        blank=True,
+        help_text="While FAILED: when the next attempt may start. Empty means the failure is terminal.",
+    )
+    result = models.JSONField(null=True, blank=True, help_text="The stored result replayed to every later caller (when COMPLETED).")
+    error_summary = models.TextField(blank=True, default="", help_text="The last attempt's error, in one line.")
+    replay_count = models.PositiveIntegerField(default=0, help_text="How many later calls were answered from the stored result.")
+    created_at = models.DateTimeField(auto_now_add=True, help_text="When the key was first seen.")
+    updated_at = models.DateTimeField(auto_now=True, help_text="Last change to this record.")
+    completed_at = models.DateTimeField(null=True, blank=True, help_text="When the winning attempt completed the key.")
+    expires_at = models.DateTimeField(help_text="After this the record may be purged (retention period).")
+
+    objects = IdempotencyRecordQuerySet.as_manager()
+
+    class Meta:
+        verbose_name = "idempotency record"
+        constraints = [
+            # The arbiter of every claim race: insert-or-conflict on this, never check-then-insert.
+            models.UniqueConstraint(fields=["scope", "key"], name="idempotency_record_scope_key_uniq"),
+            models.CheckConstraint(
+                condition=~Q(status=RecordStatus.COMPLETED) | Q(completed_at__isnull=False),
+                name="idempotency_record_completed_has_time",
+            ),
+        ]
+        indexes = [
+            models.Index(fields=["status", "lease_expires_at"], name="idem_record_lease_idx"),
+            models.Index(fields=["status", "retry_at"], name="idem_record_retry_idx"),
+            models.Index(fields=["expires_at"], name="idem_record_expiry_idx"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.scope}/{self.key} ({self.status})"
+
+
+class AttemptQuerySet(models.QuerySet):
+    def fenced(self):
+        return self.filter(status=AttemptStatus.FENCED)
+
+    def failed(self):
+        return self.filter(status=AttemptStatus.FAILED)
+
+    def unknown(self):
+        return self.filter(status=AttemptStatus.UNKNOWN)
+
+
+class Attempt(models.Model):
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False, help_text="This attempt's own id.")
+    record = models.ForeignKey(
+        IdempotencyRecord,
+        on_delete=models.CASCADE,
+        related_name="attempts",
+        help_text="The key this attempt worked on.",
+    )
+    number = models.PositiveIntegerField(help_text="1, 2, 3… per key; the fencing token this attempt holds.")
+    status = models.CharField(
+        max_length=16,
+        choices=AttemptStatus.choices,
+        default=AttemptStatus.RUNNING,
+        help_text="RUNNING, SUCCEEDED, FAILED, UNKNOWN (timed out: may have happened), TIMED_OUT (superseded), FENCED (late write refused).",
+    )
+    worker = models.CharField(max_length=200, blank=True, default="", help_text="Host and process that ran the attempt.")
+    started_at = models.DateTimeField(help_text="When the attempt claimed the key.")
+    heartbeat_at = models.DateTimeField(null=True, blank=True, help_text="Last heartbeat that extended the lease.")
+    finished_at = models.DateTimeField(null=True, blank=True, help_text="When the attempt recorded its ending.")
+    error_type = models.CharField(max_length=200, blank=True, default="", help_text="Exception class of the failure.")
+    error_message = models.TextField(blank=True, default="", help_text="The error message.")
+    traceback = models.TextField(blank=True, default="", help_text="Full traceback of the failure, for operators.")
+    details = models.JSONField(
+        default=dict,
+        blank=True,
+        help_text="Numbers the work reported about itself (latency, tokens, provider request id…).",
+    )
+
+    objects = AttemptQuerySet.as_manager()
+
+    class Meta:
+        verbose_name = "attempt"
+        ordering = ["record_id", "number"]
+        constraints = [
+            models.UniqueConstraint(fields=["record", "number"], name="idempotency_attempt_record_number_uniq"),
+        ]
+        indexes = [
+            models.Index(fields=["status", "started_at"], name="idem_attempt_status_idx"),
+        ]
+
+    def __str__(self) -> str:
+        return f"attempt #{self.number} of {self.record_id} ({self.status})"
+
+    @property
+    def duration_seconds(self) -> float | None:
+        if self.finished_at is None:
+            return None
+        return (self.finished_at - self.started_at).total_seconds()

@@ -1,0 +1,200 @@
+"""Settings for pipeline-ops, read from the environment.
+
+Every knob an operator may turn is an environment variable with a safe default, so the embedded
+default (SQLite + django-q2's ORM broker) runs with no configuration at all and production only
+sets ``DATABASE_URL``, ``SECRET_KEY`` and friends.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import dj_database_url
+from django.core.exceptions import ImproperlyConfigured
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+VAR_DIR = Path(os.environ.get("PIPELINE_OPS_VAR_DIR", BASE_DIR / "var"))
+VAR_DIR.mkdir(parents=True, exist_ok=True)
+
+
+def env_bool(name: str, default: bool) -> bool:
+    value = os.environ.get(name)
+    if value is None:
+        return default
+    return value.strip().lower() in {"1", "true", "yes", "on"}
+
+
+def env_int(name: str, default: int) -> int:
+    value = os.environ.get(name)
+    return default if value in (None, "") else int(value)
+
+
+DEBUG = env_bool("DEBUG", False)
+SECRET_KEY = os.environ.get("SECRET_KEY", "")
+if not SECRET_KEY:
+    if not DEBUG and not env_bool("PIPELINE_OPS_INSECURE_DEV_KEY", False):
+        raise ImproperlyConfigured(
+            "SECRET_KEY is required when DEBUG is off (set DEBUG=1 for local development)."
+        )
+    # Development only: DEBUG or an explicit opt-in. Never used when DEBUG is off without opt-in.
+    SECRET_KEY = "insecure-development-key-do-not-use-in-production"
+
+ALLOWED_HOSTS = [h.strip() for h in os.environ.get("ALLOWED_HOSTS", "localhost,127.0.0.1,[::1]").split(",") if h.strip()]
+CSRF_TRUSTED_ORIGINS = [o.strip() for o in os.environ.get("CSRF_TRUSTED_ORIGINS", "").split(",") if o.strip()]
+
+INSTALLED_APPS = [
+    "django.contrib.admin",
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "django.contrib.staticfiles",
+    "rest_framework",
+    "rest_framework.authtoken",
+    "drf_spectacular",
+    "django_q",
+    "idempotency",
+    "pipeline_ops",
+]
+
+MIDDLEWARE = [
+    "django.middleware.security.SecurityMiddleware",
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+]
+
+ROOT_URLCONF = "pipeline_ops.urls"
+WSGI_APPLICATION = "pipeline_ops.wsgi.application"
+ASGI_APPLICATION = "pipeline_ops.asgi.application"
+
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "DIRS": [BASE_DIR / "templates"],
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+            ],
+        },
+    },
+]
+
+# --- Database -------------------------------------------------------------------------------
+# TEST_DB_TAG keeps concurrent test runs (several developers, or SQLite and PostgreSQL passes)
+# on separate test databases.
+TEST_DB_TAG = os.environ.get("TEST_DB_TAG", "main")
+DATABASE_URL = os.environ.get("DATABASE_URL") or f"sqlite:///{VAR_DIR / 'pipeline_ops.sqlite3'}"
+_db = dj_database_url.parse(DATABASE_URL)
+if _db["ENGINE"] == "django.db.backends.sqlite3":
+    _db["OPTIONS"] = {
+        # WAL lets readers run beside the single writer; IMMEDIATE takes the write lock at BEGIN
+        # so concurrent writers queue on the busy timeout instead of failing with "database is
+        # locked" when a read transaction tries to upgrade.
+        "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;",
+        "transaction_mode": "IMMEDIATE",
+        "timeout": 30,
+    }
+    # A file, not :memory:, so a real qcluster subprocess sees the test database.
+    _db["TEST"] = {"NAME": str(VAR_DIR / f"test-{TEST_DB_TAG}.sqlite3")}
+else:
+    # Persistent connections: CONN_MAX_AGE=0 reconnects per django-q2 enqueue (~36 tasks/s here).
+    _db["CONN_MAX_AGE"] = env_int("CONN_MAX_AGE", 600)
+    _db["CONN_HEALTH_CHECKS"] = True
+    _db["TEST"] = {"NAME": f"test_pipeline_ops_{TEST_DB_TAG}"}
+DATABASES = {"default": _db}
+DATABASE_IS_SQLITE = _db["ENGINE"] == "django.db.backends.sqlite3"
+
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+AUTH_PASSWORD_VALIDATORS = [
+    {"NAME": "django.contrib.auth.password_validation.UserAttributeSimilarityValidator"},
+    {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},
+    {"NAME": "django.contrib.auth.password_validation.CommonPasswordValidator"},
+    {"NAME": "django.contrib.auth.password_validation.NumericPasswordValidator"},
+]
+
+LANGUAGE_CODE = "en-us"
+TIME_ZONE = "UTC"
+USE_I18N = True
+USE_TZ = True
+
+STATIC_URL = "static/"
+STATIC_ROOT = VAR_DIR / "static"
+
+# --- The idempotency app (one namespaced dict, read lazily by idempotency.conf) ---------------
+IDEMPOTENCY = {
+    "LEASE_SECONDS": env_int("IDEMPOTENCY_LEASE_SECONDS", 30),
+    "RETENTION_HOURS": env_int("IDEMPOTENCY_RETENTION_HOURS", 24),
+    "PURGE_BATCH_SIZE": env_int("IDEMPOTENCY_PURGE_BATCH_SIZE", 1000),
+}
+
+# --- django-q2 --------------------------------------------------------------------------------
+# django-q2 is only the delivery: our Attempt table counts starts, schedules retries and
+# dead-letters. See ../shared/reference/django-q2.md for the measurements behind each number.
+STEP_TIMEOUT_SECONDS = env_int("STEP_TIMEOUT_SECONDS", 300)
+PIPELINE_OPS_BROKER = os.environ.get("PIPELINE_OPS_BROKER", "orm").lower()
+REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
+_q_workers = env_int("Q_WORKERS", 2)
+Q_CLUSTER = {
+    "name": os.environ.get("PIPELINE_OPS_QUEUE", "pipeline_ops"),
+    "workers": _q_workers,
+    # The retry clock starts at dequeue, prefetch included: keep the prefetch small so
+    # retry >= (queue_limit / workers + 1) * timeout + margin holds.
+    "queue_limit": _q_workers,
+    "bulk": 1,
+    "poll": float(os.environ.get("Q_POLL", "0.2")),
+    "timeout": STEP_TIMEOUT_SECONDS,
+    "retry": 2 * STEP_TIMEOUT_SECONDS + 120,
+    "ack_failures": True,
+    "max_attempts": 1,
+    # Our tables hold results; save_limit=250 would lock every Success row per task (~100/s cap).
+    "save_limit": env_int("Q_SAVE_LIMIT", 0),
+    "catch_up": False,
+    "recycle": 500,
+    "log_level": os.environ.get("Q_LOG_LEVEL", "WARNING"),
+    "label": "Task queue (delivery only)",
+}
+if PIPELINE_OPS_BROKER == "redis":
+    Q_CLUSTER["redis"] = REDIS_URL
+elif PIPELINE_OPS_BROKER == "orm":
+    # Same alias as our models: an enqueue joins the caller's transaction (a free outbox).
+    Q_CLUSTER["orm"] = "default"
+else:
+    raise ImproperlyConfigured(f"PIPELINE_OPS_BROKER must be 'orm' or 'redis', not {PIPELINE_OPS_BROKER!r}.")
+
+# --- Django REST framework ----------------------------------------------------------------------
+REST_FRAMEWORK = {
+    "DEFAULT_AUTHENTICATION_CLASSES": [
+        "rest_framework.authentication.TokenAuthentication",
+        "rest_framework.authentication.SessionAuthentication",
+    ],
+    "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
+    "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
+}
+
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "handlers": {"console": {"class": "logging.StreamHandler"}},
+    "root": {"handlers": ["console"], "level": os.environ.get("LOG_LEVEL", "WARNING")},
+}
+
+# --- Pipelines ----------------------------------------------------------------------------------
+# An ordered list of named steps per pipeline (steps are registered in pipeline_ops.steps).
+PIPELINES = {
+    "default": {
+        "description": "Offline: clean the text, score its sentiment (VADER), summarise it extractively.",
+        "steps": ["preprocess", "sentiment", "summarise"],
+    },
+    "llm": {
+        "description": "Clean the text, score its sentiment, then ask an OpenAI-compatible chat endpoint.",
+        "steps": ["preprocess", "sentiment", "llm"],
+    },
+}
