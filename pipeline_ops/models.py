@@ -46,6 +46,7 @@ class PipelineInput(models.Model):
     class Meta:
         verbose_name = "pipeline input"
         ordering = ["-created_at"]
+        permissions = [("cancel_pipelineinput", "Can cancel pipeline inputs")]
         constraints = [
             # One input per submission key, even if the API's idempotency layer were bypassed.
             models.UniqueConstraint(
@@ -99,6 +100,11 @@ class StepRun(models.Model):
     class Meta:
         verbose_name = "step run"
         ordering = ["input_id", "position"]
+        permissions = [
+            ("retry_steprun", "Can retry step runs (safely: completed and running steps are skipped)"),
+            ("force_retry_steprun", "Can force a retry of a running step (fences its live attempt)"),
+            ("release_lease_steprun", "Can release a stuck lease"),
+        ]
         constraints = [
             models.UniqueConstraint(fields=["input", "step"], name="step_run_input_step_uniq"),
             models.UniqueConstraint(fields=["input", "position"], name="step_run_input_position_uniq"),
