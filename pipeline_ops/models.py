@@ -186,3 +186,65 @@ class OperatorAction(models.Model):
 
     def __str__(self) -> str:
         return f"{self.action} {self.target_type} {self.target_id} by {self.actor_name or '?'}"
+
+
+# --- Operators' own pages over the guard's attempts (proxy models: no tables of their own) ------
+
+from django.utils import timezone  # noqa: E402
+
+from idempotency.models import Attempt, AttemptQuerySet  # noqa: E402
+from idempotency.states import AttemptStatus, RecordStatus  # noqa: E402
+
+
+class _AttemptsWithStatus(models.Manager.from_queryset(AttemptQuerySet)):
+    def __init__(self, status: str):
+        super().__init__()
+        self.status = status
+
+    def deconstruct(self):  # managers built with arguments must say how to rebuild themselves
+        return (False, f"{type(self).__module__}.{type(self).__name__}", None, (self.status,), {})
+
+    def get_queryset(self):
+        return super().get_queryset().filter(status=self.status)
+
+
+class _StuckAttempts(models.Manager.from_queryset(AttemptQuerySet)):
+    def get_queryset(self):
+        # Still RUNNING, but the record's lease ran out: the worker died or stalled.
+        return super().get_queryset().filter(
+            status=AttemptStatus.RUNNING,
+            record__status=RecordStatus.PROCESSING,
+            record__lease_expires_at__lt=timezone.now(),
+        )
+
+
+class FailedAttempt(Attempt):
+    objects = _AttemptsWithStatus(AttemptStatus.FAILED)
+
+    class Meta:
+        proxy = True
+        verbose_name = "failed attempt"
+
+
+class UnknownOutcomeAttempt(Attempt):
+    objects = _AttemptsWithStatus(AttemptStatus.UNKNOWN)
+
+    class Meta:
+        proxy = True
+        verbose_name = "unknown-outcome attempt"
+
+
+class FencedAttempt(Attempt):
+    objects = _AttemptsWithStatus(AttemptStatus.FENCED)
+
+    class Meta:
+        proxy = True
+        verbose_name = "fenced attempt (late write prevented)"
+
+
+class StuckAttempt(Attempt):
+    objects = _StuckAttempts()
+
+    class Meta:
+        proxy = True
+        verbose_name = "stuck attempt (lease expired)"
