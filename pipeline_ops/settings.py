@@ -169,6 +169,11 @@ elif PIPELINE_OPS_BROKER == "orm":
 else:
     raise ImproperlyConfigured(f"PIPELINE_OPS_BROKER must be 'orm' or 'redis', not {PIPELINE_OPS_BROKER!r}.")
 
+# --- Operators' console -------------------------------------------------------------------------
+# Bulk retries release at most this many steps per second (the rest wait as RETRY_WAIT and the
+# reconciler sends them when due), so a recovering model provider is not flooded. 0 = no spreading.
+PIPELINE_OPS_RETRY_RATE = float(os.environ.get("PIPELINE_OPS_RETRY_RATE", "5"))
+
 # --- Django REST framework ----------------------------------------------------------------------
 REST_FRAMEWORK = {
     "DEFAULT_AUTHENTICATION_CLASSES": [
@@ -198,3 +203,26 @@ PIPELINES = {
         "steps": ["preprocess", "sentiment", "llm"],
     },
 }
+
+# --- Steps, the LLM endpoint, the reconciler, integrity checks (docs/pipelines.md) ---------------
+# The llm step's OpenAI-compatible endpoint; empty means the llm pipeline's last step fails
+# permanently with a clear message (the default pipeline needs no endpoint).
+LLM_BASE_URL = os.environ.get("LLM_BASE_URL", "")
+LLM_MODEL = os.environ.get("LLM_MODEL", "pipeline-ops-local")
+LLM_API_KEY = os.environ.get("LLM_API_KEY", "")
+LLM_CONNECT_TIMEOUT_SECONDS = float(os.environ.get("LLM_CONNECT_TIMEOUT_SECONDS", "5"))
+# The read timeout: a model slower than this ends its attempt as UNKNOWN and is retried with the
+# same Idempotency-Key. Keep it well below STEP_TIMEOUT_SECONDS (django-q2's hard kill).
+LLM_TIMEOUT_SECONDS = float(os.environ.get("LLM_TIMEOUT_SECONDS", "30"))
+# Per-step policy overrides, e.g. '{"llm": {"max_attempts": 8, "lease_seconds": 90}}'.
+PIPELINE_STEP_POLICIES = __import__("json").loads(os.environ.get("PIPELINE_STEP_POLICIES", "{}"))
+PREPROCESS_MAX_CHARS = env_int("PREPROCESS_MAX_CHARS", 20000)
+SUMMARY_SENTENCES = env_int("SUMMARY_SENTENCES", 2)
+# The reconciler's loop period (the django-q2 schedule runs it every minute), and how long a
+# QUEUED step may sit with no broker row (ORM) or at all (Redis) before it counts as lost.
+RECONCILER_INTERVAL_SECONDS = env_int("RECONCILER_INTERVAL_SECONDS", 60)
+RECONCILER_LOST_GRACE_SECONDS = env_int("RECONCILER_LOST_GRACE_SECONDS", 60)
+RECONCILER_BATCH_SIZE = env_int("RECONCILER_BATCH_SIZE", 500)
+# verify_integrity: how long an input may sit with no live work, or a record past its lease,
+# before it is a violation (longer than the reconciler's period plus a retry's backoff).
+INTEGRITY_GRACE_SECONDS = env_int("INTEGRITY_GRACE_SECONDS", 600)

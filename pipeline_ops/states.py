@@ -32,8 +32,9 @@ STEP_TRANSITIONS: dict[str, frozenset[str]] = {
         {StepStatus.SUCCEEDED, StepStatus.RETRY_WAIT, StepStatus.FAILED, StepStatus.CANCELLED, StepStatus.QUEUED, StepStatus.RUNNING}
     ),
     StepStatus.RETRY_WAIT: frozenset({StepStatus.QUEUED, StepStatus.RUNNING, StepStatus.CANCELLED}),
-    # An operator's retry re-queues a failed step; nothing leaves SUCCEEDED or CANCELLED.
-    StepStatus.FAILED: frozenset({StepStatus.QUEUED}),
+    # An operator's retry re-queues a failed step (RETRY_WAIT when a bulk retry is spread out
+    # at PIPELINE_OPS_RETRY_RATE); nothing leaves SUCCEEDED or CANCELLED.
+    StepStatus.FAILED: frozenset({StepStatus.QUEUED, StepStatus.RETRY_WAIT}),
     StepStatus.SUCCEEDED: frozenset(),
     StepStatus.CANCELLED: frozenset(),
 }
