@@ -1,0 +1,549 @@
+"""The incident replay: real clusters, a fault-injecting model server, SIGKILLs, and a count.
+
+``run_guarded`` drives the product (``input_submit`` → django-q2 → ``step_run_execute_task`` under
+the guard, the reconciler) and ``run_naive`` drives the control group (``chaos.naive``) through the
+*same* faults: the same model server knobs and seed, the same clusters and broker, duplicate
+enqueues of random steps, one busy worker SIGKILLed and one whole cluster SIGKILLed mid-step and
+restarted. Both return a plain dict (the summary) that the command prints and the tests assert.
+
+Late responses: the model server processes a stalled request and answers after
+``stall_seconds``, past the client timeout. In the product the runner has already given up on that
+call (its attempt ended UNKNOWN and a retry owns the key), so nobody is listening; in the
+incident the abandoned call's handler wrote its result anyway. The guarded run replays that
+handler: once the late answer is due, ``late_writes_deliver`` hands it to the timed-out attempt
+through the very ``guard.complete(write=...)`` call the runner uses, with a real StepOutput
+insert. The guard must fence every one of them, and the summary counts them.
+"""
+from __future__ import annotations
+
+import random
+import sys
+import threading
+import time
+import uuid
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from datetime import timedelta
+from pathlib import Path
+
+from django.conf import settings
+from django.db import close_old_connections, connection, transaction
+from django.db.models import Count
+from django.test.utils import override_settings
+from django.utils import timezone
+
+from . import naive
+from .brokers import use_broker
+from .cluster import QCluster, base_env, database_url_for, stop_all
+
+WORDS = (
+    "the model timed out while the retry succeeded and saved its result then the first call finished late "
+    "great terrible calm network unstable queue worker duplicate record exactly once lease fence key "
+    "happy angry report invoice customer shipment delayed refund arrived broken excellent service"
+).split()
+
+
+@dataclass
+class ChaosConfig:
+    inputs: int = 30
+    clusters: int = 2
+    workers: int = 2
+    broker: str = "orm"
+    queue: str = "pipeline_ops_chaos"
+    seed: int = 7
+    timeout: float = 240.0
+    pipeline: str = "llm"
+    # Model server knobs (the faults).
+    latency_ms: int = 150
+    error_rate: float = 0.08
+    rate_429: float = 0.08
+    stall_rate: float = 0.25
+    stall_seconds: float = 3.0
+    # Client side: the llm step's read timeout (< stall_seconds, so a stall is a timeout).
+    client_timeout: float = 1.0
+    # Short leases and django-q2 timeout so a SIGKILLed attempt is taken over within seconds.
+    lease_seconds: int = 4
+    step_timeout: int = 10
+    reconcile_interval: float = 1.0
+    lost_grace_seconds: int = 4
+    duplicate_enqueues: int = 0  # 0: inputs // 4, at least 3
+    kill_worker: bool = True
+    kill_cluster: bool = True
+    late_writes: bool = True
+    log_dir: Path = field(default_factory=lambda: Path(settings.VAR_DIR) / "chaos")
+    settings_module: str = ""
+    database_url: str = ""
+    progress: Callable[[int, int, str], None] | None = None
+
+    def __post_init__(self) -> None:
+        if not self.settings_module:
+            import os
+
+            self.settings_module = os.environ.get("DJANGO_SETTINGS_MODULE", "pipeline_ops.settings")
+        if not self.database_url:
+            self.database_url = database_url_for(connection.settings_dict)
+        if connection.vendor == "sqlite":
+            self.clusters = 1  # SQLite has one writer: exactly one cluster (reference §8 gotcha 7)
+        if not self.duplicate_enqueues:
+            self.duplicate_enqueues = max(3, self.inputs // 4)
+
+    def knobs(self) -> dict:
+        return {
+            "latency_ms": self.latency_ms, "error_rate": self.error_rate, "rate_429": self.rate_429,
+            "stall_rate": self.stall_rate, "stall_seconds": self.stall_seconds,
+        }
+
+    def public(self) -> dict:
+        data = asdict(self)
+        data.pop("progress")
+        data["log_dir"] = str(self.log_dir)
+        return data
+
+
+def texts(*, count: int, seed: int) -> list[str]:
+    rng = random.Random(seed)
+    return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(8, 24))).capitalize() + "." for _ in range(count)]
+
+
+def cluster_env(cfg: ChaosConfig, *, model_url: str) -> dict[str, str]:
+    """Environment of every chaos cluster: django-q2 reads its settings once, at import."""
+    policies = {
+        step: {"lease_seconds": cfg.lease_seconds} for step in settings.PIPELINES[cfg.pipeline]["steps"]
+    }
+    import json
+
+    return base_env(
+        DJANGO_SETTINGS_MODULE=cfg.settings_module,
+        DATABASE_URL=cfg.database_url,
+        SECRET_KEY=settings.SECRET_KEY,  # payloads are signed with SECRET_KEY + queue name
+        PIPELINE_OPS_BROKER=cfg.broker,
+        PIPELINE_OPS_QUEUE=cfg.queue,
+        REDIS_URL=settings.REDIS_URL,
+        Q_WORKERS=cfg.workers,
+        Q_POLL="0.1",
+        Q_LOG_LEVEL="ERROR",
+        STEP_TIMEOUT_SECONDS=cfg.step_timeout,
+        IDEMPOTENCY_LEASE_SECONDS=cfg.lease_seconds,
+        PIPELINE_STEP_POLICIES=json.dumps(policies),
+        LLM_BASE_URL=model_url,
+        LLM_TIMEOUT_SECONDS=cfg.client_timeout,
+        LLM_CONNECT_TIMEOUT_SECONDS=2,
+        LOG_LEVEL="ERROR",
+    )
+
+
+def _start_model_server(cfg: ChaosConfig):
+    from pipeline_ops.model_server import ModelServer
+
+    server = ModelServer(host="127.0.0.1", port=0, honour_keys=True, seed=cfg.seed, **cfg.knobs())
+    server.start()
+    return server
+
+
+class _Faults:
+    """SIGKILLs and duplicate enqueues, spread over the run by progress (0..1)."""
+
+    def __init__(self, cfg: ChaosConfig, clusters: list[QCluster], rng: random.Random):
+        self.cfg, self.clusters, self.rng = cfg, clusters, rng
+        self.counts = Counter()
+        self.killed_tasks: list[str] = []
+        self._restarting: threading.Thread | None = None
+
+    def duplicate_due(self, progress: float) -> bool:
+        target = round(self.cfg.duplicate_enqueues * min(1.0, progress / 0.8 + 0.1))
+        return self.counts["duplicate_enqueues"] < target
+
+    def kill_busy_worker(self, *, only: str = "") -> bool:
+        """SIGKILL one worker that is running a task right now (``only``: task-name prefix)."""
+        for cluster in self.rng.sample(self.clusters, len(self.clusters)):
+            if not cluster.alive:
+                continue
+            for pid, task in cluster.busy_workers().items():
+                if only and not task.startswith(only):
+                    continue
+                if cluster.kill_worker(pid):
+                    self.counts["workers_sigkilled"] += 1
+                    self.killed_tasks.append(task)
+                    return True
+        return False
+
+    def kill_cluster(self) -> bool:
+        """SIGKILL a whole cluster (busy if possible) mid-step, and restart it a second later."""
+        live = [c for c in self.clusters if c.alive]
+        busy = [c for c in live if c.busy_workers()]
+        if not busy:
+            return False
+        victim = self.rng.choice(busy)
+        self.killed_tasks.extend(victim.busy_workers().values())
+        victim.kill()
+        self.counts["clusters_sigkilled"] += 1
+
+        def restart() -> None:
+            time.sleep(1.0)
+            victim.start(wait=True, timeout=90)
+            self.counts["clusters_restarted"] += 1
+
+        self._restarting = threading.Thread(target=restart, daemon=True)
+        self._restarting.start()
+        return True
+
+    def join(self) -> None:
+        if self._restarting is not None:
+            self._restarting.join(timeout=120)
+
+
+def _start_clusters(cfg: ChaosConfig, env: dict[str, str], label: str) -> list[QCluster]:
+    clusters = [
+        QCluster(env=env, name=f"{label}-{i}", log_path=cfg.log_dir / f"{label}-{i}.log") for i in range(cfg.clusters)
+    ]
+    for cluster in clusters:
+        cluster.start(wait=False)
+    for cluster in clusters:
+        cluster.wait_ready(timeout=90)
+    return clusters
+
+
+def _purge(broker) -> None:
+    try:
+        broker.purge_queue()
+    except Exception:  # noqa: BLE001 - an empty Redis list or OrmQ key is fine
+        pass
+
+
+# --- the guarded run ------------------------------------------------------------------------------
+
+
+def run_guarded(cfg: ChaosConfig) -> dict:
+    """Run the scenario through the product and return its summary."""
+    from pipeline_ops.models import PipelineInput, StepRun
+    from pipeline_ops.queueing import step_run_enqueue
+    from pipeline_ops.reconciler import reconcile_once
+    from pipeline_ops.services.inputs import input_submit
+    from pipeline_ops.states import INPUT_TERMINAL, STEP_TERMINAL, StepStatus
+
+    rng = random.Random(cfg.seed)
+    run_id = uuid.uuid4().hex[:10]
+    scope = f"chaos:{run_id}"
+    server = _start_model_server(cfg)
+    clusters: list[QCluster] = []
+    faults = _Faults(cfg, clusters, rng)
+    late = _LateWrites(stall_seconds=cfg.stall_seconds)
+    started = time.monotonic()
+    reconciler_runs = 0
+    timed_out = False
+    try:
+        with use_broker(kind=cfg.broker, queue=cfg.queue) as broker, override_settings(
+            RECONCILER_LOST_GRACE_SECONDS=cfg.lost_grace_seconds
+        ):
+            _purge(broker)
+            clusters.extend(_start_clusters(cfg, cluster_env(cfg, model_url=server.url), "guarded"))
+            for i, text in enumerate(texts(count=cfg.inputs, seed=cfg.seed)):
+                input_submit(pipeline=cfg.pipeline, payload={"text": text}, scope=scope, key=f"chaos-{i}")
+            inputs = PipelineInput.objects.filter(submission_scope=scope)
+            steps = StepRun.objects.filter(input__submission_scope=scope)
+            total_steps = steps.count()
+            last_reconcile = 0.0
+            worker_kill_at = rng.uniform(0.15, 0.35)
+            cluster_kill_at = rng.uniform(0.4, 0.6)
+            while True:
+                close_old_connections()
+                done_steps = steps.filter(status__in=STEP_TERMINAL).count()
+                progress = done_steps / max(1, total_steps)
+                open_inputs = inputs.exclude(status__in=INPUT_TERMINAL).count()
+                if cfg.progress:
+                    cfg.progress(done_steps, total_steps, f"guarded {cfg.broker}: {cfg.inputs - open_inputs}/{cfg.inputs} inputs")
+                if open_inputs == 0 and (not cfg.late_writes or late.settled(scope=scope)):
+                    break
+                if time.monotonic() - started > cfg.timeout:
+                    timed_out = True
+                    break
+                if faults.duplicate_due(progress):
+                    candidates = list(
+                        steps.exclude(status=StepStatus.PENDING).values_list("pk", flat=True)[:5000]
+                    )
+                    if candidates:
+                        with transaction.atomic():  # ORM broker: the queue row commits with us
+                            step_run_enqueue(step_run_id=rng.choice(candidates))
+                        faults.counts["duplicate_enqueues"] += 1
+                if cfg.kill_worker and not faults.counts["workers_sigkilled"] and progress >= worker_kill_at:
+                    faults.kill_busy_worker()
+                if (
+                    cfg.kill_cluster and not faults.counts["clusters_sigkilled"] and progress >= cluster_kill_at
+                ):
+                    faults.kill_cluster()
+                if cfg.late_writes:
+                    late.deliver(scope=scope)
+                if time.monotonic() - last_reconcile >= cfg.reconcile_interval:
+                    reconcile_once()
+                    reconciler_runs += 1
+                    last_reconcile = time.monotonic()
+                time.sleep(0.05)
+            faults.join()
+    finally:
+        stop_all(clusters, timeout=20)
+        served = _server_stats(server)
+        server.stop()
+    summary = guarded_summary(scope=scope, calls=served["calls"])
+    summary.update(
+        mode="guarded", run=run_id, broker=cfg.broker, database=connection.vendor,
+        clusters=cfg.clusters, workers=cfg.workers, elapsed_seconds=round(time.monotonic() - started, 1),
+        timed_out=timed_out, reconciler_runs=reconciler_runs,
+        faults={**served["injected"], **dict(faults.counts), "late_writes_delivered": late.delivered,
+                "killed_tasks": faults.killed_tasks},
+        late_writes_fenced=late.fenced, late_writes_accepted=late.accepted,
+        knobs=cfg.knobs(),
+    )
+    summary["integrity"] = integrity_check()
+    summary["ok"] = summary["duplicates"] == 0 and summary["lost"] == 0 and summary["integrity"]["ok"]
+    return summary
+
+
+class _LateWrites:
+    """The abandoned calls' handlers, replayed through the guard (see the module docstring)."""
+
+    def __init__(self, *, stall_seconds: float):
+        self.stall_seconds = stall_seconds
+        self.delivered = 0
+        self.fenced = 0
+        self.accepted = 0
+        self._done: set = set()
+
+    def _due(self, *, scope: str):
+        from idempotency.models import Attempt
+        from idempotency.states import AttemptStatus
+
+        cutoff = timezone.now() - timedelta(seconds=self.stall_seconds)
+        return (
+            Attempt.objects.filter(status=AttemptStatus.UNKNOWN, started_at__lte=cutoff)
+            .exclude(pk__in=self._done)
+            .select_related("record")
+            .filter(record__key__in=_step_keys(scope))
+        )
+
+    def settled(self, *, scope: str) -> bool:
+        from idempotency.models import Attempt
+        from idempotency.states import AttemptStatus
+
+        return not Attempt.objects.filter(status=AttemptStatus.UNKNOWN, record__key__in=_step_keys(scope)).exclude(
+            pk__in=self._done
+        ).exists()
+
+    def deliver(self, *, scope: str) -> None:
+        from idempotency import guard
+        from pipeline_ops.models import StepOutput, StepRun
+
+        for attempt in list(self._due(scope=scope)[:50]):
+            self._done.add(attempt.pk)
+            input_id, step = attempt.record.key.rsplit(":", 1)
+            step_run = StepRun.objects.get(input_id=input_id, step=step)
+            late_output = {"content": "(late answer of a timed-out call)", "late": True, "attempt": attempt.number}
+
+            def write(step_run=step_run, attempt=attempt, late_output=late_output) -> None:
+                StepOutput.objects.create(
+                    step_run=step_run, input_id=step_run.input_id, step=step_run.step, attempt=attempt, output=late_output
+                )
+
+            completion = guard.complete(attempt=attempt, result=late_output, write=write)
+            self.delivered += 1
+            if completion.fenced:
+                self.fenced += 1
+            else:
+                self.accepted += 1
+
+
+_KEYS_CACHE: dict[str, list[str]] = {}
+
+
+def _step_keys(scope: str) -> list[str]:
+    from pipeline_ops.models import StepRun
+
+    keys = _KEYS_CACHE.get(scope)
+    if keys is None:
+        keys = [f"{i}:{s}" for i, s in StepRun.objects.filter(input__submission_scope=scope).values_list("input_id", "step")]
+        _KEYS_CACHE[scope] = keys
+    return keys
+
+
+def _server_stats(server) -> dict:
+    """The model server's own counters: calls per key and the faults it injected."""
+    stats = server.stats()
+    return {
+        "calls": dict(stats.get("calls_by_key") or server.calls_by_key()),
+        "injected": {name: stats.get(name, 0) for name in ("stalls", "errors_500", "errors_429", "replayed")},
+    }
+
+
+def guarded_summary(*, scope: str, calls: dict[str, int]) -> dict:
+    """Counts for one guarded run, from the database (and the model server's call log)."""
+    from idempotency.models import Attempt, IdempotencyRecord
+    from idempotency.states import AttemptStatus
+    from pipeline_ops.models import PipelineInput, StepOutput, StepRun
+    from pipeline_ops.states import INPUT_TERMINAL, InputStatus, StepStatus
+
+    inputs = PipelineInput.objects.filter(submission_scope=scope)
+    steps = StepRun.objects.filter(input__submission_scope=scope)
+    outputs = StepOutput.objects.filter(input__submission_scope=scope)
+    keys = _step_keys(scope)
+    records = IdempotencyRecord.objects.filter(key__in=keys)
+    attempts = Attempt.objects.filter(record__in=records)
+    by_status = dict(attempts.values_list("status").annotate(n=Count("pk")).values_list("status", "n"))
+    output_rows = outputs.count()
+    distinct_outputs = outputs.values("input_id", "step").distinct().count()
+    not_terminal = inputs.exclude(status__in=INPUT_TERMINAL).count()
+    succeeded_without_output = steps.filter(status=StepStatus.SUCCEEDED, output__isnull=True).count()
+    succeeded_inputs_missing = (
+        inputs.filter(status=InputStatus.SUCCEEDED).exclude(steps__status=StepStatus.SUCCEEDED).distinct().count()
+        + inputs.filter(status=InputStatus.SUCCEEDED).filter(steps__output__isnull=True).distinct().count()
+    )
+    run_calls = {k: n for k, n in calls.items() if k in set(keys)}
+    llm_steps = steps.filter(step="llm").count()
+    return {
+        "inputs": inputs.count(),
+        "inputs_by_status": dict(inputs.values_list("status").annotate(n=Count("pk")).values_list("status", "n")),
+        "steps": steps.count(),
+        "steps_by_status": dict(steps.values_list("status").annotate(n=Count("pk")).values_list("status", "n")),
+        "attempts": attempts.count(),
+        "attempts_by_status": by_status,
+        "retries": attempts.count() - records.count(),
+        "fenced": by_status.get(AttemptStatus.FENCED, 0),
+        "unknown_outcomes": by_status.get(AttemptStatus.UNKNOWN, 0),
+        "model_calls": sum(run_calls.values()),
+        "model_keys": len(run_calls),
+        "model_steps": llm_steps,
+        "model_calls_beyond_one_per_key": sum(run_calls.values()) - len(run_calls),
+        "outputs": output_rows,
+        "duplicates": output_rows - distinct_outputs,
+        "lost": not_terminal + succeeded_without_output + succeeded_inputs_missing,
+        "lost_detail": {
+            "inputs_not_terminal": not_terminal,
+            "succeeded_steps_without_output": succeeded_without_output,
+            "succeeded_inputs_missing_outputs": succeeded_inputs_missing,
+        },
+    }
+
+
+def integrity_check() -> dict:
+    """Run ``verify_integrity --json`` on this database: {'ok': bool, 'report': ...}."""
+    import io
+    import json
+
+    from django.core.management import call_command
+    from django.core.management.base import CommandError
+
+    buf = io.StringIO()
+    try:
+        call_command("verify_integrity", "--json", stdout=buf)
+        ok = True
+    except (CommandError, SystemExit):
+        ok = False
+    text = buf.getvalue()
+    try:
+        report = json.loads(text) if text.strip() else {}
+    except ValueError:
+        report = {"output": text[-2000:]}
+    if isinstance(report, dict) and "ok" in report:
+        ok = ok and bool(report["ok"])
+    return {"ok": ok, "report": report}
+
+
+# --- the control group ----------------------------------------------------------------------------
+
+
+def run_naive(cfg: ChaosConfig) -> dict:
+    """The same scenario through the plain retry loop (``chaos.naive``); returns its summary."""
+    from django_q.brokers import get_broker  # noqa: F401 - imported for symmetry with the guarded run
+
+    rng = random.Random(cfg.seed)
+    run_id = uuid.uuid4().hex[:10]
+    steps = list(settings.PIPELINES[cfg.pipeline]["steps"])
+    items = [(str(uuid.UUID(int=rng.getrandbits(128))), text) for text in texts(count=cfg.inputs, seed=cfg.seed)]
+    naive.naive_table_reset()
+    server = _start_model_server(cfg)
+    clusters: list[QCluster] = []
+    faults = _Faults(cfg, clusters, rng)
+    started = time.monotonic()
+    timed_out = False
+    quiet_seconds = cfg.stall_seconds + cfg.client_timeout + 4
+    try:
+        with use_broker(kind=cfg.broker, queue=cfg.queue) as broker:
+            _purge(broker)
+            clusters.extend(_start_clusters(cfg, cluster_env(cfg, model_url=server.url), "naive"))
+            common = {"steps": steps, "model_url": server.url, "client_timeout": cfg.client_timeout,
+                      "stall_seconds": cfg.stall_seconds}
+            for input_id, text in items:
+                naive.naive_enqueue(run=run_id, input_id=input_id, position=0, text=text, **common)
+            worker_kill_at = rng.uniform(0.15, 0.35)
+            cluster_kill_at = rng.uniform(0.4, 0.6)
+            last_rows, last_change = -1, time.monotonic()
+            while True:
+                close_old_connections()
+                counts = naive.naive_counts(run=run_id)
+                finished = naive.naive_finished_inputs(run=run_id, last_step=steps[-1])
+                progress = counts["distinct"] / max(1, len(items) * len(steps))
+                if cfg.progress:
+                    cfg.progress(counts["distinct"], len(items) * len(steps), f"naive {cfg.broker}: {len(finished)}/{len(items)} inputs")
+                if counts["rows"] != last_rows:
+                    last_rows, last_change = counts["rows"], time.monotonic()
+                quiet = time.monotonic() - last_change
+                # Stop once nothing has been written for longer than a late answer takes to come
+                # back: the abandoned calls have had their chance to write (the incident).
+                if len(finished) == len(items) and quiet >= quiet_seconds:
+                    break
+                if quiet >= max(quiet_seconds, 15) and faults.counts["clusters_sigkilled"] and progress > 0.6:
+                    break  # what is left was lost with a killed worker (ORM: back only after `retry`)
+                if time.monotonic() - started > cfg.timeout:
+                    timed_out = True
+                    break
+                if faults.duplicate_due(progress):
+                    input_id, text = rng.choice(items)
+                    done_positions = [i for i, s in enumerate(steps) if s in _naive_steps_done(run_id, input_id)] or [0]
+                    naive.naive_enqueue(run=run_id, input_id=input_id, position=rng.choice(done_positions), text=text, **common)
+                    faults.counts["duplicate_enqueues"] += 1
+                if cfg.kill_worker and not faults.counts["workers_sigkilled"] and progress >= worker_kill_at:
+                    faults.kill_busy_worker()
+                if cfg.kill_cluster and not faults.counts["clusters_sigkilled"] and progress >= cluster_kill_at:
+                    faults.kill_cluster()
+                time.sleep(0.1)
+            faults.join()
+    finally:
+        stop_all(clusters, timeout=20)
+        served = _server_stats(server)
+        server.stop()
+    calls = served["calls"]
+    counts = naive.naive_counts(run=run_id)
+    finished = naive.naive_finished_inputs(run=run_id, last_step=steps[-1])
+    keys = {f"{input_id}:{step}" for input_id, _ in items for step in steps}
+    run_calls = {k: n for k, n in calls.items() if k in keys}
+    return {
+        "mode": "naive", "run": run_id, "broker": cfg.broker, "database": connection.vendor,
+        "clusters": cfg.clusters, "workers": cfg.workers,
+        "elapsed_seconds": round(time.monotonic() - started, 1), "timed_out": timed_out,
+        "inputs": len(items), "steps": len(items) * len(steps),
+        "outputs": counts["rows"], "late_rows": counts["late_rows"],
+        "duplicates": counts["duplicates"], "duplicated_steps": counts["duplicated_pairs"],
+        "lost": len(items) - len(finished),
+        "model_calls": sum(run_calls.values()), "model_keys": len(run_calls),
+        "model_calls_beyond_one_per_key": sum(run_calls.values()) - len(run_calls),
+        "faults": {**served["injected"], **dict(faults.counts), "killed_tasks": faults.killed_tasks},
+        "knobs": cfg.knobs(),
+    }
+
+
+def _naive_steps_done(run: str, input_id: str) -> set[str]:
+    with connection.cursor() as cursor:
+        cursor.execute(f"SELECT DISTINCT step FROM {naive.TABLE} WHERE run = %s AND input_id = %s", [run, input_id])
+        return {row[0] for row in cursor.fetchall()}
+
+
+def stderr_progress(every: float = 5.0) -> Callable[[int, int, str], None]:
+    """A progress line on stderr at most every ``every`` seconds (the command uses a bar on a TTY)."""
+    state = {"last": 0.0}
+
+    def report(done: int, total: int, label: str) -> None:
+        now = time.monotonic()
+        if now - state["last"] >= every:
+            state["last"] = now
+            print(f"  {label}; steps {done}/{total}", file=sys.stderr, flush=True)
+
+    return report
