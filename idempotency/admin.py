@@ -1,7 +1,17 @@
-"""Read-only admin pages for the idempotency log. Records change only through the guard."""
+"""Read-only admin pages for the idempotency log. Records change only through the guard.
+
+Generic on purpose (this app knows nothing of pipelines): a project adds its own pages and
+actions on top, as ``pipeline_ops.admin`` does with its failed / unknown / fenced / stuck pages.
+"""
 from django.contrib import admin
+from django.utils import timezone
+from django.utils.html import format_html
+from django.utils.text import Truncator
 
 from .models import Attempt, IdempotencyRecord
+from .states import RecordStatus
+
+LIST_TEXT_CHARS = 80  # long errors and keys are cut in lists; detail pages show them whole
 
 
 class ReadOnlyAdmin(admin.ModelAdmin):
@@ -15,11 +25,27 @@ class ReadOnlyAdmin(admin.ModelAdmin):
         return False
 
 
+class LeaseFilter(admin.SimpleListFilter):
+    title = "lease"
+    parameter_name = "lease"
+
+    def lookups(self, request, model_admin):
+        return [("live", "Live (an attempt holds the key)"), ("expired", "Expired (stuck)")]
+
+    def queryset(self, request, queryset):
+        now = timezone.now()
+        if self.value() == "live":
+            return queryset.filter(status=RecordStatus.PROCESSING, lease_expires_at__gte=now)
+        if self.value() == "expired":
+            return queryset.filter(status=RecordStatus.PROCESSING, lease_expires_at__lt=now)
+        return queryset
+
+
 class AttemptInline(admin.TabularInline):
     model = Attempt
     extra = 0
     can_delete = False
-    fields = ("number", "status", "worker", "started_at", "finished_at", "error_type", "error_message")
+    fields = ("number", "status", "worker", "started_at", "heartbeat_at", "finished_at", "error_type", "error_message", "details")
     readonly_fields = fields
     ordering = ("number",)
     show_change_link = True
@@ -30,20 +56,60 @@ class AttemptInline(admin.TabularInline):
 
 @admin.register(IdempotencyRecord)
 class IdempotencyRecordAdmin(ReadOnlyAdmin):
-    list_display = ("scope", "key", "operation", "status", "attempt_count", "lease_expires_at", "retry_at", "replay_count", "created_at", "expires_at")
-    list_filter = ("status", "scope")
-    search_fields = ("key", "scope", "operation")
-    date_hierarchy = "created_at"
+    list_display = ("scope", "short_key", "operation", "status", "attempt_count", "lease", "retry_at", "replay_count",
+                    "short_fingerprint", "created_at", "expires_at")
+    list_filter = ("status", LeaseFilter, "scope")
+    search_fields = ("=key",)
+    search_help_text = "A key (exact)."
     ordering = ("-created_at",)
     show_full_result_count = False
+    list_per_page = 50
     inlines = [AttemptInline]
+    readonly_fields = ("scope", "key", "operation", "fingerprint", "status", "attempt_count", "lease_expires_at", "retry_at",
+                       "error_summary", "replay_count", "result", "created_at", "updated_at", "completed_at", "expires_at")
+    fields = readonly_fields
+
+    @admin.display(description="key", ordering="key")
+    def short_key(self, obj):
+        return Truncator(obj.key).chars(60)
+
+    @admin.display(description="fingerprint")
+    def short_fingerprint(self, obj):
+        return obj.fingerprint[:12]
+
+    @admin.display(description="lease")
+    def lease(self, obj):
+        if obj.status != RecordStatus.PROCESSING or obj.lease_expires_at is None:
+            return "—"
+        left = (obj.lease_expires_at - timezone.now()).total_seconds()
+        if left >= 0:
+            return f"live, {left:.0f} s left"
+        return format_html('<strong style="color:#c62828">expired {} s ago</strong>', f"{-left:.0f}")
 
 
 @admin.register(Attempt)
 class AttemptAdmin(ReadOnlyAdmin):
-    list_display = ("record", "number", "status", "worker", "started_at", "finished_at", "error_type")
+    list_display = ("record", "number", "status", "worker", "started_at", "duration", "error_type", "error")
     list_filter = ("status",)
-    search_fields = ("record__key", "worker", "error_type", "error_message")
+    search_fields = ("=record__key", "=worker", "=error_type")
+    search_help_text = "A key, a worker (host:pid) or an error type (exact)."
     list_select_related = ("record",)
     ordering = ("-started_at",)
     show_full_result_count = False
+    list_per_page = 50
+    readonly_fields = ("id", "record", "number", "status", "worker", "started_at", "heartbeat_at", "finished_at", "duration",
+                       "error_type", "error_message", "traceback", "details")
+    fields = readonly_fields
+
+    @admin.display(description="duration")
+    def duration(self, obj):
+        seconds = obj.duration_seconds
+        return "running" if seconds is None else f"{seconds:.2f} s"
+
+    @admin.display(description="error")
+    def error(self, obj):
+        return Truncator(obj.error_message).chars(LIST_TEXT_CHARS)
+
+    @admin.display(description="reported")
+    def details_preview(self, obj):
+        return Truncator(", ".join(f"{k}={v}" for k, v in (obj.details or {}).items())).chars(LIST_TEXT_CHARS)

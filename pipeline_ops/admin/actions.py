@@ -1,0 +1,81 @@
+"""Dangerous admin actions in the shape of Django's ``delete_selected``: permission-gated, a
+confirmation page that lists what will and will not happen and asks for a reason, a ``log_change``
+per object acted on, and one counted message. The rules live in ``services.operations``."""
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from django import forms
+from django.contrib import messages
+from django.contrib.admin import helpers
+from django.db.models import QuerySet
+from django.template.response import TemplateResponse
+
+from ..services.operations import ActionReport, Decision
+
+# A confirmation page lists this many decisions in full; the rest are summarised by count.
+CONFIRMATION_LIST_LIMIT = 200
+
+
+class ReasonForm(forms.Form):
+    reason = forms.CharField(
+        label="Reason",
+        max_length=2000,
+        widget=forms.Textarea(attrs={"rows": 3, "cols": 80, "placeholder": "e.g. provider outage 14:02-14:20 is over (INC-231)"}),
+        help_text="Required. Written to the audit trail (Operator actions) and the admin log with every object acted on.",
+    )
+
+
+def confirm_then_run(
+    modeladmin,
+    request,
+    queryset: QuerySet,
+    *,
+    action_name: str,
+    title: str,
+    intro: str,
+    button: str,
+    plan: Callable[[], list[Decision]],
+    run: Callable[[str], ActionReport],
+    danger: bool = False,
+):
+    """First POST (from the action menu): show the plan and ask for a reason. Second POST
+    (``post=yes`` with a reason): run the service, log each object acted on, one message."""
+    form = ReasonForm(request.POST if request.POST.get("post") == "yes" else None)
+    if request.POST.get("post") == "yes" and form.is_valid():
+        reason = form.cleaned_data["reason"]
+        report = run(reason)
+        for decision in report.decisions:
+            if decision.acts:
+                modeladmin.log_change(request, decision.target, f"{title}: {decision.reason}. Reason: {reason}")
+        modeladmin.message_user(request, report.message, messages.SUCCESS if report.done else messages.WARNING)
+        return None  # back to the change list, like delete_selected
+
+    decisions = plan()
+    acting = [d for d in decisions if d.acts]
+    skipping = [d for d in decisions if not d.acts]
+    select_across = request.POST.get("select_across") == "1"
+    context = {
+        **modeladmin.admin_site.each_context(request),
+        "title": title,
+        "intro": intro,
+        "button": button,
+        "danger": danger,
+        "opts": modeladmin.model._meta,
+        "action_name": action_name,
+        "action_checkbox_name": helpers.ACTION_CHECKBOX_NAME,
+        "select_across": select_across,
+        # With "select all N", Django re-applies the change list's filters; one id keeps its
+        # "items must be selected" check happy. Otherwise the ids travel as in delete_selected.
+        "selected_ids": ([str(queryset.values_list("pk", flat=True).first())] if select_across
+                          else [str(pk) for pk in request.POST.getlist(helpers.ACTION_CHECKBOX_NAME)]),
+        "acting": acting[:CONFIRMATION_LIST_LIMIT],
+        "skipping": skipping[:CONFIRMATION_LIST_LIMIT],
+        "acting_count": len(acting),
+        "skipping_count": len(skipping),
+        "list_limit": CONFIRMATION_LIST_LIMIT,
+        "form": form,
+        "media": modeladmin.media,
+    }
+    request.current_app = modeladmin.admin_site.name
+    return TemplateResponse(request, "admin/pipeline_ops/action_confirmation.html", context)
