@@ -6,6 +6,7 @@ sets ``DATABASE_URL``, ``SECRET_KEY`` and friends.
 """
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -215,7 +216,7 @@ LLM_CONNECT_TIMEOUT_SECONDS = float(os.environ.get("LLM_CONNECT_TIMEOUT_SECONDS"
 # same Idempotency-Key. Keep it well below STEP_TIMEOUT_SECONDS (django-q2's hard kill).
 LLM_TIMEOUT_SECONDS = float(os.environ.get("LLM_TIMEOUT_SECONDS", "30"))
 # Per-step policy overrides, e.g. '{"llm": {"max_attempts": 8, "lease_seconds": 90}}'.
-PIPELINE_STEP_POLICIES = __import__("json").loads(os.environ.get("PIPELINE_STEP_POLICIES", "{}"))
+PIPELINE_STEP_POLICIES = json.loads(os.environ.get("PIPELINE_STEP_POLICIES", "{}"))
 PREPROCESS_MAX_CHARS = env_int("PREPROCESS_MAX_CHARS", 20000)
 SUMMARY_SENTENCES = env_int("SUMMARY_SENTENCES", 2)
 # The reconciler's loop period (the django-q2 schedule runs it every minute), and how long a

@@ -1,16 +1,17 @@
-"""Services for pipeline inputs: submission (more to come: cancellation, status roll-up)."""
+"""Services for pipeline inputs: submission, the status roll-up from steps, cancellation."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 from django.contrib.auth.models import AbstractBaseUser
 from django.db import IntegrityError, transaction
+from django.db.models import Count
 from django.utils import timezone
 
 from ..models import PipelineInput, StepRun
 from ..pipelines import pipeline_get
 from ..queueing import step_run_enqueue
-from ..states import StepStatus
+from ..states import INPUT_TERMINAL, InputStatus, StepStatus, step_sources
 
 
 @dataclass(frozen=True)
@@ -59,3 +60,82 @@ def input_submit(
         existing = PipelineInput.objects.get(submission_scope=scope, idempotency_key=key)
         return SubmitResult(input=existing, created=False)
     return SubmitResult(input=pipeline_input, created=True)
+
+
+# The guard's scope for step keys; a step's key is ``StepRun.idempotency_key`` ("<input>:<step>").
+STEP_SCOPE = "step"
+
+_ROLL_UP_FROM = [InputStatus.PENDING, InputStatus.RUNNING, InputStatus.FAILED]
+
+
+def input_status_from_steps(counts: dict[str, int]) -> str | None:
+    """The input status its steps imply (None: cancelled, which only ``input_cancel`` decides).
+
+    All succeeded -> SUCCEEDED; any failed -> FAILED; any started, waiting or done -> RUNNING;
+    otherwise PENDING. FAILED is not final here: an operator's retry re-queues the failed step,
+    and the next roll-up brings the input back to RUNNING.
+    """
+    total = sum(counts.values())
+    if total == 0 or counts.get(StepStatus.CANCELLED):
+        return None
+    if counts.get(StepStatus.SUCCEEDED, 0) == total:
+        return InputStatus.SUCCEEDED
+    if counts.get(StepStatus.FAILED):
+        return InputStatus.FAILED
+    if any(counts.get(s) for s in (StepStatus.RUNNING, StepStatus.RETRY_WAIT, StepStatus.SUCCEEDED)):
+        return InputStatus.RUNNING
+    return InputStatus.PENDING
+
+
+def input_roll_up(*, input_id, now=None) -> str | None:
+    """Recompute the input's status from its steps; returns the new status if it changed.
+
+    One aggregate and one conditional UPDATE (never from CANCELLED, never a no-op write), so it
+    is cheap to call after every step move, inside the move's transaction.
+    """
+    now = now or timezone.now()
+    rows = StepRun.objects.filter(input_id=input_id).order_by().values("status").annotate(n=Count("id"))
+    target = input_status_from_steps({row["status"]: row["n"] for row in rows})
+    if target is None:
+        return None
+    finished = now if target in INPUT_TERMINAL else None
+    updated = (
+        PipelineInput.objects.filter(pk=input_id, status__in=_ROLL_UP_FROM)
+        .exclude(status=target)
+        .update(status=target, finished_at=finished, updated_at=now)
+    )
+    return target if updated else None
+
+
+def input_cancel(*, pipeline_input: PipelineInput, reason: str = "input cancelled", now=None) -> int:
+    """Cancel the input: it becomes CANCELLED, its unfinished steps CANCELLED, and the key of a
+    running step is released so that attempt's late completion is fenced. Returns the number of
+    steps cancelled (0 if the input had already succeeded or was cancelled before).
+
+    Runs in one transaction. The records are found by key, not through ``StepRun
+    .idempotency_record``: an attempt that claimed but has not linked its record yet is fenced
+    too, and one that claims after this commit finds its step CANCELLED and ends itself.
+    Raises nothing for an input that cannot be cancelled; the return value says so.
+    """
+    from idempotency import guard
+    from idempotency.models import IdempotencyRecord
+    from idempotency.states import RecordStatus
+
+    now = now or timezone.now()
+    with transaction.atomic():
+        updated = PipelineInput.objects.filter(pk=pipeline_input.pk, status__in=_ROLL_UP_FROM).update(
+            status=InputStatus.CANCELLED, finished_at=now, updated_at=now
+        )
+        if not updated:
+            return 0
+        open_steps = list(
+            StepRun.objects.filter(input_id=pipeline_input.pk, status__in=step_sources(StepStatus.CANCELLED)).values_list("pk", "step")
+        )
+        cancelled = StepRun.objects.filter(
+            pk__in=[pk for pk, _ in open_steps], status__in=step_sources(StepStatus.CANCELLED)
+        ).update(status=StepStatus.CANCELLED, finished_at=now, next_attempt_at=None, updated_at=now)
+        keys = [f"{pipeline_input.pk}:{step}" for _, step in open_steps]
+        for record in IdempotencyRecord.objects.filter(scope=STEP_SCOPE, key__in=keys, status=RecordStatus.PROCESSING):
+            guard.release(record=record, reason=reason, now=now)
+    pipeline_input.status, pipeline_input.finished_at = InputStatus.CANCELLED, now
+    return cancelled

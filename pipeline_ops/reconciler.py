@@ -1,0 +1,165 @@
+"""The reconciler: finds step runs that should be moving and are not, and enqueues them again.
+
+Three kinds, each bounded per pass:
+
+* **due retries**: RETRY_WAIT with ``next_attempt_at <= now`` (django-q2 has no delayed enqueue,
+  so a failed attempt's retry waits here);
+* **expired leases**: RUNNING/QUEUED steps whose record is PROCESSING with a lease that ran out
+  (the worker died or stalled; the next claim supersedes it), or RUNNING steps whose record
+  already waits for a due retry (a crash between the guard's ``fail`` and the step's move);
+* **lost messages**: QUEUED for longer than a grace period with no task on the broker (ORM
+  broker: no ``OrmQ`` row names it; Redis: no way to look, so age alone).
+
+Every re-enqueue is a conditional UPDATE on the row's ``(status, enqueued_at)`` as read, with the
+enqueue in the same transaction: two reconcilers racing send once. A duplicate that slips through
+anyway (a task already on its way) is harmless: the guard makes the second run a no-op.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timedelta
+
+from django.conf import settings
+from django.db import transaction
+from django.db.models import Q
+from django.utils import timezone
+
+from idempotency.states import RecordStatus
+
+from .models import StepRun
+from .queueing import step_run_enqueue, uses_transactional_broker
+from .states import InputStatus, StepStatus
+
+log = logging.getLogger(__name__)
+
+# Decoding queue rows costs an unpickle each; past this many the lost check trusts age alone.
+MAX_QUEUE_ROWS_SCANNED = 20_000
+
+
+@dataclass
+class ReconcileReport:
+    now: datetime
+    dry_run: bool = False
+    due_retries: list[int] = field(default_factory=list)
+    expired_leases: list[int] = field(default_factory=list)
+    lost: list[int] = field(default_factory=list)
+    skipped_races: int = 0
+    queue_rows_scanned: int = 0
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def enqueued(self) -> int:
+        return len(self.due_retries) + len(self.expired_leases) + len(self.lost)
+
+    def as_dict(self) -> dict:
+        data = asdict(self)
+        data["now"] = self.now.isoformat()
+        data["enqueued"] = self.enqueued
+        return data
+
+    def summary(self) -> str:
+        verb = "would re-enqueue" if self.dry_run else "re-enqueued"
+        return (
+            f"{verb} {self.enqueued} step run(s): {len(self.due_retries)} due retries, "
+            f"{len(self.expired_leases)} expired leases, {len(self.lost)} lost messages"
+            + (f"; {self.skipped_races} taken by a concurrent reconciler or worker" if self.skipped_races else "")
+        )
+
+
+def queued_step_run_ids(*, limit: int = MAX_QUEUE_ROWS_SCANNED) -> set[int] | None:
+    """Ids of the step runs that have a task on the ORM broker (queued, prefetched or running).
+
+    None when that cannot be known: the Redis broker, or more rows than ``limit``.
+    """
+    if not uses_transactional_broker():
+        return None
+    from django_q.conf import Conf
+    from django_q.models import OrmQ
+
+    rows = list(OrmQ.objects.using(Conf.ORM).filter(key=Conf.PREFIX).values_list("payload", flat=True)[: limit + 1])
+    if len(rows) > limit:
+        return None
+    ids: set[int] = set()
+    for payload in rows:
+        task = OrmQ(payload=payload).task
+        name = str(task.get("name") or "")
+        if name.startswith("step_run:"):
+            try:
+                ids.add(int(name.split(":", 1)[1]))
+            except ValueError:
+                pass
+    return ids
+
+
+def _requeue(*, step_run: dict, now: datetime, dry_run: bool) -> bool:
+    """Conditionally move one step run to QUEUED (refreshing ``enqueued_at``) and enqueue it."""
+    if dry_run:
+        return True
+    match = Q(pk=step_run["pk"], status=step_run["status"])
+    match &= Q(enqueued_at__isnull=True) if step_run["enqueued_at"] is None else Q(enqueued_at=step_run["enqueued_at"])
+    with transaction.atomic():
+        moved = StepRun.objects.filter(match).exclude(input__status=InputStatus.CANCELLED).update(
+            status=StepStatus.QUEUED, enqueued_at=now, updated_at=now
+        )
+        if moved:
+            step_run_enqueue(step_run_id=step_run["pk"])
+    return bool(moved)
+
+
+def reconcile_once(
+    *,
+    now: datetime | None = None,
+    dry_run: bool = False,
+    limit: int | None = None,
+    lost_grace_seconds: float | None = None,
+) -> ReconcileReport:
+    """One pass over the three kinds; returns what it re-enqueued (or would, with ``dry_run``).
+
+    ``limit`` bounds each kind per pass (default ``RECONCILER_BATCH_SIZE``); ``lost_grace_seconds``
+    (default ``RECONCILER_LOST_GRACE_SECONDS``) is how long a QUEUED step may go without a
+    visible task, and also how soon an expired-lease step may be re-sent after its last enqueue.
+    Raises only on database errors.
+    """
+    now = now or timezone.now()
+    limit = limit or settings.RECONCILER_BATCH_SIZE
+    grace = timedelta(seconds=settings.RECONCILER_LOST_GRACE_SECONDS if lost_grace_seconds is None else lost_grace_seconds)
+    report = ReconcileReport(now=now, dry_run=dry_run)
+    fields = ("pk", "status", "enqueued_at")
+    live = StepRun.objects.exclude(input__status=InputStatus.CANCELLED)
+    settled = Q(enqueued_at__isnull=True) | Q(enqueued_at__lt=now - grace)
+
+    for row in live.due_for_retry(now=now).order_by("next_attempt_at").values(*fields)[:limit]:
+        _take(report, report.due_retries, row, now=now, dry_run=dry_run)
+
+    expired = live.filter(settled).filter(
+        Q(status__in=[StepStatus.RUNNING, StepStatus.QUEUED],
+          idempotency_record__status=RecordStatus.PROCESSING, idempotency_record__lease_expires_at__lt=now)
+        | Q(status=StepStatus.RUNNING, idempotency_record__status=RecordStatus.FAILED, idempotency_record__retry_at__lte=now)
+    )
+    for row in expired.order_by("enqueued_at").values(*fields)[:limit]:
+        _take(report, report.expired_leases, row, now=now, dry_run=dry_run)
+
+    candidates = list(
+        live.filter(status=StepStatus.QUEUED, enqueued_at__lt=now - grace)
+        .exclude(pk__in=report.expired_leases)
+        .order_by("enqueued_at").values(*fields)[:limit]
+    )
+    if candidates:
+        on_queue = queued_step_run_ids()
+        if on_queue is None and uses_transactional_broker():
+            report.notes.append("queue too long to inspect: lost messages judged by age alone")
+        for row in candidates:
+            if on_queue is not None and row["pk"] in on_queue:
+                continue  # its task is waiting, prefetched or running: not lost
+            _take(report, report.lost, row, now=now, dry_run=dry_run)
+    if report.enqueued:
+        log.info("reconciler: %s", report.summary())
+    return report
+
+
+def _take(report: ReconcileReport, bucket: list[int], row: dict, *, now: datetime, dry_run: bool) -> None:
+    if _requeue(step_run=row, now=now, dry_run=dry_run):
+        bucket.append(row["pk"])
+    else:
+        report.skipped_races += 1  # another reconciler or a worker moved it first

@@ -1,0 +1,256 @@
+"""Executing one step run under the guard: the service behind ``step_run_execute_task``.
+
+Safe to run any number of times for the same step run, concurrently or late:
+
+* the guard's claim decides who runs (Claimed), who replays (Replay: the step is done, make sure
+  the next one is queued), and who returns at once (InFlight, Failed);
+* the step's callable runs outside any transaction, with a heartbeat;
+* its output, the step's SUCCEEDED, the next step's PENDING -> QUEUED with its enqueue (ORM
+  broker: the queue row is in the same transaction, an outbox) and the input's roll-up commit
+  in the transaction that completes the key, or not at all (a late attempt is fenced);
+* every StepRun move is a conditional UPDATE from the sources that ``STEP_TRANSITIONS`` allows.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from datetime import datetime
+
+from django.db import transaction
+from django.db.models import F, Value
+from django.db.models.functions import Coalesce
+from django.utils import timezone
+
+from idempotency import guard
+from idempotency.fingerprint import fingerprint
+from idempotency.models import Attempt
+from idempotency.policy import NO_RETRY, RetryPolicy
+
+from ..models import StepOutput, StepRun
+from ..queueing import step_run_enqueue
+from ..runner import step_call
+from ..states import InputStatus, StepStatus, step_sources
+from ..steps import Step, StepContext, UnknownStepError, step_get
+from .inputs import STEP_SCOPE, input_roll_up
+
+log = logging.getLogger(__name__)
+
+
+class Outcome:
+    """What one execution did (the task's return value, as a string)."""
+
+    SUCCEEDED = "succeeded"          # ran and completed the step
+    REPLAYED = "replayed"            # the step was already completed: nothing ran
+    IN_FLIGHT = "in_flight"          # another attempt holds the key, or its retry is not due
+    RETRY_SCHEDULED = "retry_scheduled"
+    FAILED = "failed"                # terminal failure (now or earlier)
+    FENCED = "fenced"                # finished after losing the key: its write was refused
+    SUPERSEDED = "superseded"        # failed after losing the key: only its Attempt row was written
+    CANCELLED = "cancelled"
+    NOT_RUNNABLE = "not_runnable"    # PENDING (earlier steps not done) or otherwise not queued
+    MISMATCH = "mismatch"            # the key was used with another input fingerprint
+    MISSING = "missing"              # no such step run
+
+
+@dataclass(frozen=True)
+class StepExecution:
+    outcome: str
+    step_run_id: int
+    attempt_number: int | None = None
+    message: str = ""
+
+
+class StepCancelledError(Exception):
+    """The step was cancelled between the claim and the start."""
+
+
+class StepNotRunnableError(Exception):
+    """The step is not in a state a run may start from (e.g. PENDING)."""
+
+
+class StepNoLongerRunningError(Exception):
+    """At completion the step run was no longer QUEUED/RUNNING although the attempt held the key."""
+
+
+# A claim that finds its step not runnable hands the key straight back: FAILED, retry due now.
+_RETRY_NOW = RetryPolicy(max_attempts=10**9, backoff_base_seconds=0, jitter=False, is_transient=lambda exc: True)
+
+
+def step_fingerprint(*, pipeline: str, step: str, payload, outputs: dict) -> str:
+    """SHA-256 of what the step computes from: the same input gives the same key fingerprint."""
+    return fingerprint({"pipeline": pipeline, "step": step, "payload": payload, "outputs": outputs})
+
+
+def step_run_queue_next(*, step_run: StepRun, now: datetime | None = None) -> int | None:
+    """Queue the step after ``step_run`` if it is still PENDING; returns its id when this call
+    queued it. The conditional PENDING -> QUEUED makes it exactly once however many callers race.
+    Call inside the transaction that completes ``step_run`` (the enqueue joins it)."""
+    now = now or timezone.now()
+    next_id = (
+        StepRun.objects.filter(input_id=step_run.input_id, position=step_run.position + 1).values_list("pk", flat=True).first()
+    )
+    if next_id is None:
+        return None
+    if StepRun.objects.filter(pk=next_id, status=StepStatus.PENDING).update(
+        status=StepStatus.QUEUED, enqueued_at=now, updated_at=now
+    ):
+        step_run_enqueue(step_run_id=next_id)
+        return next_id
+    return None
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).splitlines()[0] if str(exc) else ""
+    return f"{type(exc).__name__}: {text}"[:500] if text else type(exc).__name__
+
+
+def _step_fail_without_attempt(*, step_run: StepRun, message: str, now: datetime) -> None:
+    with transaction.atomic():
+        StepRun.objects.filter(pk=step_run.pk, status__in=step_sources(StepStatus.FAILED)).update(
+            status=StepStatus.FAILED, finished_at=now, last_error=message[:500], next_attempt_at=None, updated_at=now
+        )
+        input_roll_up(input_id=step_run.input_id, now=now)
+
+
+def step_run_execute(*, step_run_id: int, now: datetime | None = None) -> StepExecution:
+    """Run the step run once under the guard, or find out why not. Never raises for a busy,
+    done, failed or cancelled step: the returned ``outcome`` says what happened.
+
+    ``now`` is the claim's clock (tests pass a later time to make a retry due).
+    Raises only on database errors.
+    """
+    claim_now = now or timezone.now()
+    step_run = StepRun.objects.select_related("input").filter(pk=step_run_id).first()
+    if step_run is None:
+        return StepExecution(Outcome.MISSING, step_run_id)
+    if step_run.input.status == InputStatus.CANCELLED or step_run.status == StepStatus.CANCELLED:
+        return StepExecution(Outcome.CANCELLED, step_run_id)
+    if step_run.status == StepStatus.PENDING:
+        return StepExecution(Outcome.NOT_RUNNABLE, step_run_id, message="earlier steps are not done")
+    if step_run.status == StepStatus.FAILED:
+        return StepExecution(Outcome.FAILED, step_run_id, message="failed before; an operator retry re-queues it")
+    try:
+        step = step_get(name=step_run.step)
+    except UnknownStepError as exc:
+        _step_fail_without_attempt(step_run=step_run, message=str(exc), now=claim_now)
+        return StepExecution(Outcome.FAILED, step_run_id, message=str(exc))
+
+    outputs = dict(
+        StepOutput.objects.filter(input_id=step_run.input_id, step_run__position__lt=step_run.position).values_list("step", "output")
+    )
+    claim = guard.claim(
+        scope=STEP_SCOPE,
+        key=step_run.idempotency_key,
+        operation=f"step:{step_run.step}",
+        fingerprint=step_fingerprint(pipeline=step_run.input.pipeline, step=step_run.step, payload=step_run.input.payload, outputs=outputs),
+        lease_seconds=step.lease_seconds,
+        max_attempts=step.policy.max_attempts,
+        now=claim_now,
+    )
+    if isinstance(claim, guard.Replay):
+        # complete() moved this step to SUCCEEDED and queued the next one in its transaction;
+        # this only closes a gap if something (an operator, a lost message) left the chain open.
+        with transaction.atomic():
+            step_run_queue_next(step_run=step_run)
+            input_roll_up(input_id=step_run.input_id)
+        return StepExecution(Outcome.REPLAYED, step_run_id)
+    if isinstance(claim, guard.InFlight):
+        return StepExecution(Outcome.IN_FLIGHT, step_run_id, message=f"until {claim.until:%H:%M:%S}")
+    if isinstance(claim, guard.Mismatch):
+        message = "the step's input changed since its key was first used (fingerprint mismatch)"
+        _step_fail_without_attempt(step_run=step_run, message=message, now=claim_now)
+        return StepExecution(Outcome.MISMATCH, step_run_id, message=message)
+    if isinstance(claim, guard.Failed):
+        _step_fail_without_attempt(step_run=step_run, message=claim.record.error_summary or "failed", now=claim_now)
+        return StepExecution(Outcome.FAILED, step_run_id, message=claim.record.error_summary)
+
+    attempt = claim.attempt
+    started = _step_run_start(step_run=step_run, attempt=attempt)
+    if started is not None:
+        return started
+    ctx = StepContext(
+        step=step_run.step, step_run_id=step_run.pk, input_id=str(step_run.input_id),
+        idempotency_key=step_run.idempotency_key, attempt_number=attempt.number,
+        payload=step_run.input.payload, outputs=outputs,
+    )
+    try:
+        output = step_call(step=step, ctx=ctx, attempt=attempt)
+        json.dumps(output, allow_nan=False)  # a result we could not store is the step's error
+    except Exception as exc:  # the step's own failure, classified by its policy
+        return _step_run_after_error(step_run=step_run, step=step, attempt=attempt, error=exc, details=ctx.details)
+    return _step_run_complete(step_run=step_run, step=step, attempt=attempt, output=output, details=ctx.details)
+
+
+def _step_run_start(*, step_run: StepRun, attempt: Attempt) -> StepExecution | None:
+    """Move the step to RUNNING for ``attempt``; None if it may run, else why it may not."""
+    now = timezone.now()
+    with transaction.atomic():
+        moved = StepRun.objects.filter(pk=step_run.pk, status__in=step_sources(StepStatus.RUNNING)).update(
+            status=StepStatus.RUNNING, attempts_used=F("attempts_used") + 1,
+            started_at=Coalesce(F("started_at"), Value(now)), next_attempt_at=None,
+            idempotency_record_id=attempt.record_id, updated_at=now,
+        )
+        if moved:
+            input_roll_up(input_id=step_run.input_id, now=now)
+    if moved:
+        return None
+    status = StepRun.objects.filter(pk=step_run.pk).values_list("status", flat=True).first()
+    if status == StepStatus.CANCELLED:
+        # input_cancel ran between our check and our claim: end the attempt for good.
+        guard.fail(attempt=attempt, error=StepCancelledError("the input was cancelled"), policy=NO_RETRY)
+        return StepExecution(Outcome.CANCELLED, step_run.pk, attempt.number)
+    guard.fail(attempt=attempt, error=StepNotRunnableError(f"step is {status}, not runnable"), policy=_RETRY_NOW)
+    return StepExecution(Outcome.NOT_RUNNABLE, step_run.pk, attempt.number, message=f"step is {status}")
+
+
+def _step_run_complete(*, step_run: StepRun, step: Step, attempt: Attempt, output: dict, details: dict) -> StepExecution:
+    now = timezone.now()
+
+    def write() -> None:
+        # The unique (input, step) constraint refuses a second output even if the guard erred.
+        StepOutput.objects.create(step_run_id=step_run.pk, input_id=step_run.input_id, step=step_run.step, attempt=attempt, output=output)
+        done = StepRun.objects.filter(pk=step_run.pk, status__in=step_sources(StepStatus.SUCCEEDED)).update(
+            status=StepStatus.SUCCEEDED, finished_at=now, last_error="", next_attempt_at=None, updated_at=now
+        )
+        if not done:
+            raise StepNoLongerRunningError(f"step run {step_run.pk} left RUNNING while attempt #{attempt.number} held its key")
+        step_run_queue_next(step_run=step_run, now=now)
+        input_roll_up(input_id=step_run.input_id, now=now)
+
+    try:
+        completion = guard.complete(attempt=attempt, result=output, write=write, details=details or None)
+    except Exception as exc:  # a domain write that failed while we held the key
+        return _step_run_after_error(step_run=step_run, step=step, attempt=attempt, error=exc, details=details, policy=NO_RETRY)
+    if completion.fenced:
+        log.info("attempt #%s of %s fenced: %s", attempt.number, step_run.idempotency_key, completion.reason)
+        return StepExecution(Outcome.FENCED, step_run.pk, attempt.number, message=completion.reason)
+    return StepExecution(Outcome.SUCCEEDED, step_run.pk, attempt.number)
+
+
+def _step_run_after_error(
+    *, step_run: StepRun, step: Step, attempt: Attempt, error: BaseException, details: dict, policy: RetryPolicy | None = None
+) -> StepExecution:
+    unknown = step.is_outcome_unknown(error)
+    failure = guard.fail(
+        attempt=attempt, error=error, policy=policy or step.policy, outcome_unknown=unknown, details=details or None
+    )
+    if not failure.held:
+        return StepExecution(Outcome.SUPERSEDED, step_run.pk, attempt.number, message=_one_line(error))
+    now = timezone.now()
+    line = _one_line(error)
+    with transaction.atomic():
+        if failure.retry_at is not None:
+            # Due retries are enqueued by the reconciler (django-q2 has no delayed enqueue).
+            # From RUNNING only: the attempt still held the key, so its step is RUNNING.
+            StepRun.objects.filter(pk=step_run.pk, status=StepStatus.RUNNING).update(
+                status=StepStatus.RETRY_WAIT, next_attempt_at=failure.retry_at, last_error=line, updated_at=now
+            )
+            outcome = Outcome.RETRY_SCHEDULED
+        else:
+            StepRun.objects.filter(pk=step_run.pk, status__in=step_sources(StepStatus.FAILED)).update(
+                status=StepStatus.FAILED, finished_at=now, next_attempt_at=None, last_error=line, updated_at=now
+            )
+            outcome = Outcome.FAILED
+        input_roll_up(input_id=step_run.input_id, now=now)
+    return StepExecution(outcome, step_run.pk, attempt.number, message=line)
