@@ -16,6 +16,9 @@ DEFAULTS: dict[str, Any] = {
     "RETENTION_HOURS": 24,
     # Rows deleted per purge transaction: short transactions keep SQLite's single writer free.
     "PURGE_BATCH_SIZE": 1000,
+    # Upper bound on ``Prefer: wait=N`` (RFC 7240) for a request whose key is in flight: the
+    # waiting request holds a web worker, so a client must not be able to park it for long.
+    "MAX_WAIT_SECONDS": 10,
 }
 
 

@@ -53,6 +53,7 @@ INSTALLED_APPS = [
     "rest_framework",
     "rest_framework.authtoken",
     "drf_spectacular",
+    "drf_spectacular_sidecar",
     "django_q",
     "idempotency",
     "pipeline_ops",
@@ -134,6 +135,7 @@ IDEMPOTENCY = {
     "LEASE_SECONDS": env_int("IDEMPOTENCY_LEASE_SECONDS", 30),
     "RETENTION_HOURS": env_int("IDEMPOTENCY_RETENTION_HOURS", 24),
     "PURGE_BATCH_SIZE": env_int("IDEMPOTENCY_PURGE_BATCH_SIZE", 1000),
+    "MAX_WAIT_SECONDS": env_int("IDEMPOTENCY_MAX_WAIT_SECONDS", 10),
 }
 
 # --- django-q2 --------------------------------------------------------------------------------
@@ -183,6 +185,38 @@ REST_FRAMEWORK = {
     ],
     "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
     "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
+    # One handler renders every API error as application/problem+json with a stable `code`.
+    "EXCEPTION_HANDLER": "idempotency.drf.problem_exception_handler",
+    "DEFAULT_THROTTLE_CLASSES": ["pipeline_ops.api.throttles.ApiClientRateThrottle"],
+    "DEFAULT_PAGINATION_CLASS": "pipeline_ops.api.pagination.InputCursorPagination",
+}
+
+# --- The REST API (pipeline_ops.api; read lazily by pipeline_ops.api.conf) -----------------------
+PIPELINE_OPS_API = {
+    "MAX_BODY_BYTES": env_int("API_MAX_BODY_BYTES", 256 * 1024),
+    "MAX_TEXT_CHARS": env_int("API_MAX_TEXT_CHARS", 20_000),
+    "MAX_JSON_DEPTH": env_int("API_MAX_JSON_DEPTH", 8),
+    "THROTTLE_RATE": os.environ.get("API_THROTTLE_RATE", "600/minute"),
+    "PAGE_SIZE": env_int("API_PAGE_SIZE", 50),
+    "MAX_PAGE_SIZE": 200,
+}
+# bench/api.py only: mounts /api/v1/_bench/inputs/, the submission without the idempotency layer.
+PIPELINE_OPS_API_BENCH = env_bool("PIPELINE_OPS_API_BENCH", False)
+
+SPECTACULAR_SETTINGS = {
+    "TITLE": "pipeline-ops API",
+    "VERSION": "1.0.0",
+    "DESCRIPTION": (BASE_DIR / "pipeline_ops" / "api" / "description.md").read_text(encoding="utf-8"),
+    "SERVE_INCLUDE_SCHEMA": False,
+    "COMPONENT_SPLIT_REQUEST": True,
+    # Offline: the Swagger UI and Redoc assets come from drf-spectacular-sidecar, not a CDN.
+    "SWAGGER_UI_DIST": "SIDECAR",
+    "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
+    "REDOC_DIST": "SIDECAR",
+    "ENUM_NAME_OVERRIDES": {
+        "InputStatusEnum": "pipeline_ops.states.InputStatus",
+        "StepStatusEnum": "pipeline_ops.states.StepStatus",
+    },
 }
 
 LOGGING = {
