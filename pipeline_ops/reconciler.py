@@ -163,3 +163,28 @@ def _take(report: ReconcileReport, bucket: list[int], row: dict, *, now: datetim
         bucket.append(row["pk"])
     else:
         report.skipped_races += 1  # another reconciler or a worker moved it first
+
+
+SCHEDULE_NAME = "pipeline_ops.reconcile"
+SCHEDULE_FUNC = "pipeline_ops.tasks.reconcile_task"
+
+
+def reconcile_schedule_install() -> bool:
+    """Make sure exactly one django-q2 schedule runs the reconciler every minute.
+
+    The migration ``0002_reconciler_schedule`` calls the same logic; this is for databases whose
+    schedule an operator deleted. Returns True if it had to create it.
+    """
+    from django_q.models import Schedule
+
+    with transaction.atomic():
+        existing = list(Schedule.objects.select_for_update().filter(name=SCHEDULE_NAME).order_by("pk"))
+        for extra in existing[1:]:
+            extra.delete()
+        if existing:
+            Schedule.objects.filter(pk=existing[0].pk).update(
+                func=SCHEDULE_FUNC, schedule_type=Schedule.MINUTES, minutes=1, repeats=-1
+            )
+            return False
+        Schedule.objects.create(name=SCHEDULE_NAME, func=SCHEDULE_FUNC, schedule_type=Schedule.MINUTES, minutes=1, repeats=-1)
+        return True
