@@ -88,7 +88,7 @@ class LiveServer:
 
 
 @pytest.fixture(scope="module")
-def live_server_process(django_db_setup, django_db_blocker, tmp_path_factory):
+def gunicorn_process(django_db_setup, django_db_blocker, tmp_path_factory):
     """gunicorn with 4 sync workers on 127.0.0.1, on the test database (tests using it need
     ``transaction=True`` so the server sees their rows)."""
     faults_dir = tmp_path_factory.mktemp("faults")
@@ -134,10 +134,10 @@ def live_server_process(django_db_setup, django_db_blocker, tmp_path_factory):
 
 
 @pytest.fixture
-def live_server(live_server_process, transactional_db):
-    live_server_process.disarm_all()
-    yield live_server_process
-    live_server_process.disarm_all()
+def gunicorn_server(gunicorn_process, transactional_db):
+    gunicorn_process.disarm_all()
+    yield gunicorn_process
+    gunicorn_process.disarm_all()
 
 
 @pytest.fixture
