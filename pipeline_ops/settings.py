@@ -60,6 +60,8 @@ INSTALLED_APPS = [
 ]
 
 MIDDLEWARE = [
+    # First, so responses made by any later middleware (throttles, body limits) are counted too.
+    "pipeline_ops.observability.metrics.ResponseMetricsMiddleware",
     "django.middleware.security.SecurityMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
@@ -172,6 +174,26 @@ elif PIPELINE_OPS_BROKER == "orm":
 else:
     raise ImproperlyConfigured(f"PIPELINE_OPS_BROKER must be 'orm' or 'redis', not {PIPELINE_OPS_BROKER!r}.")
 
+# Cluster heartbeats (django-q2 Stat, one write per cluster every 0.5 s, 3 s expiry). With Redis
+# they live in Redis; with the ORM broker they go to this cache, which must be shared by the
+# clusters and the web (/healthz, dashboard): a per-process LocMemCache would never show one.
+# "file" (default) shares them between the processes of one host; several hosts on the ORM broker
+# use "database" (run `manage.py createcachetable` once).
+Q_STATS_CACHE = os.environ.get("Q_STATS_CACHE", "file").lower()
+CACHES = {"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}}
+if Q_STATS_CACHE == "file":
+    CACHES["django_q_stats"] = {"BACKEND": "django.core.cache.backends.filebased.FileBasedCache", "LOCATION": str(VAR_DIR / "q-stats")}
+elif Q_STATS_CACHE == "database":
+    CACHES["django_q_stats"] = {"BACKEND": "django.core.cache.backends.db.DatabaseCache", "LOCATION": "pipeline_ops_q_stats"}
+else:
+    raise ImproperlyConfigured(f"Q_STATS_CACHE must be 'file' or 'database', not {Q_STATS_CACHE!r}.")
+Q_CLUSTER["cache"] = "django_q_stats"
+
+# /healthz (pipeline_ops.observability.health): the cluster check fails when the freshest
+# heartbeat is older than this, or none is seen; HEALTHZ_REQUIRE_CLUSTER=0 reports without failing.
+HEALTHZ_CLUSTER_MAX_AGE_SECONDS = env_int("HEALTHZ_CLUSTER_MAX_AGE_SECONDS", 30)
+HEALTHZ_REQUIRE_CLUSTER = env_bool("HEALTHZ_REQUIRE_CLUSTER", True)
+
 # --- Operators' console -------------------------------------------------------------------------
 # Bulk retries release at most this many steps per second (the rest wait as RETRY_WAIT and the
 # reconciler sends them when due), so a recovering model provider is not flooded. 0 = no spreading.
@@ -219,10 +241,23 @@ SPECTACULAR_SETTINGS = {
     },
 }
 
+# LOG_FORMAT=json: one JSON object per line, carrying input id, step, attempt number and key
+# (pipeline_ops.observability.logging); "text" (default) keeps plain messages.
+LOG_FORMAT = os.environ.get("LOG_FORMAT", "text").lower()
+if LOG_FORMAT not in {"text", "json"}:
+    raise ImproperlyConfigured(f"LOG_FORMAT must be 'text' or 'json', not {LOG_FORMAT!r}.")
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
-    "handlers": {"console": {"class": "logging.StreamHandler"}},
+    "filters": {"log_context": {"()": "pipeline_ops.observability.logging.LogContextFilter"}},
+    "formatters": {"json": {"()": "pipeline_ops.observability.logging.JsonFormatter"}},
+    "handlers": {
+        "console": {
+            "class": "logging.StreamHandler",
+            "filters": ["log_context"],
+            **({"formatter": "json"} if LOG_FORMAT == "json" else {}),
+        }
+    },
     "root": {"handlers": ["console"], "level": os.environ.get("LOG_LEVEL", "WARNING")},
 }
 

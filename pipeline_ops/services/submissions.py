@@ -14,7 +14,6 @@ import json
 import uuid
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from functools import lru_cache
 from typing import Any, Literal
 
 from django.conf import settings
@@ -27,7 +26,8 @@ from idempotency.fingerprint import fingerprint
 from ..errors import PipelineOpsError
 from ..models import PipelineInput, StepRun
 from ..pipelines import pipeline_get
-from ..queueing import STEP_TASK, step_run_enqueue, uses_transactional_broker
+# queueing's per-process broker: the one the chaos harness re-points when it swaps brokers.
+from ..queueing import STEP_TASK, _broker, step_run_enqueue, uses_transactional_broker
 from ..states import StepStatus
 
 Format = Literal["jsonl", "csv"]
@@ -238,14 +238,6 @@ def _tasks_bulk_enqueue(step_run_ids: list[int]) -> None:
     else:
         # Redis is not transactional: send after commit; the reconciler re-sends a lost message.
         transaction.on_commit(lambda: broker.connection.rpush(broker.list_key, *packages))
-
-
-@lru_cache(maxsize=1)
-def _broker():
-    # One broker per process, as in queueing: a Redis client per batch would cost a connection each.
-    from django_q.brokers import get_broker
-
-    return get_broker()
 
 
 def _batch_submit(

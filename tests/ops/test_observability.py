@@ -1,0 +1,311 @@
+"""/metrics, /healthz and the JSON logs, on SQLite and PostgreSQL."""
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import socket
+import subprocess
+import sys
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+from django.db.models import DurationField, ExpressionWrapper, F, Sum
+from django.test import Client
+from prometheus_client.parser import text_string_to_metric_families
+
+from idempotency.models import Attempt, IdempotencyRecord
+from idempotency.states import AttemptStatus, RecordStatus
+from pipeline_ops.models import PipelineInput, StepRun
+from pipeline_ops.observability import metrics as metrics_module
+from pipeline_ops.observability.logging import (
+    JsonFormatter,
+    LogContextFilter,
+    log_context,
+    log_context_bind,
+    log_context_isolated,
+)
+
+pytestmark = pytest.mark.django_db
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture
+def client():
+    return Client(HTTP_HOST="localhost")
+
+
+def scrape(client) -> dict[str, dict[tuple, float]]:
+    """/metrics parsed: sample name -> {sorted label items: value}."""
+    response = client.get("/metrics")
+    assert response.status_code == 200
+    assert response["Content-Type"].startswith("text/plain")
+    samples: dict[str, dict[tuple, float]] = {}
+    for family in text_string_to_metric_families(response.content.decode()):
+        for sample in family.samples:
+            samples.setdefault(sample.name, {})[tuple(sorted(sample.labels.items()))] = sample.value
+    return samples
+
+
+def closed_port() -> int:
+    """A local port nothing listens on (bound, then released)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+# --- /metrics -----------------------------------------------------------------------------------
+
+
+def test_metrics_match_the_database_when_steps_ran_failed_and_were_fenced(client, world):
+    samples = scrape(client)
+
+    for status in AttemptStatus.values:
+        assert samples["pipeline_ops_attempts"][(("status", status),)] == Attempt.objects.filter(status=status).count()
+    assert samples["pipeline_ops_attempts"][(("status", "SUCCEEDED"),)] == 4  # 3 preprocess + 1 API key
+    assert samples["pipeline_ops_attempts"][(("status", "FAILED"),)] == 3
+    fenced = Attempt.objects.filter(status=AttemptStatus.FENCED).count()
+    assert fenced == 1
+    assert samples["pipeline_ops_fenced_late_writes_total"][()] == fenced
+    assert samples["pipeline_ops_idempotent_replays_total"][(("scope", "api"),)] == 1
+    for status in ("PENDING", "RUNNING", "SUCCEEDED", "FAILED", "CANCELLED"):
+        assert samples["pipeline_ops_inputs"][(("status", status),)] == PipelineInput.objects.filter(status=status).count()
+    assert samples["pipeline_ops_step_runs"][(("status", "SUCCEEDED"), ("step", "preprocess"))] == 3
+    assert samples["pipeline_ops_step_runs"][(("status", "FAILED"), ("step", "ops_boom"))] == 2
+    # The next steps of the three inputs are on the queue (ORM broker: rows in the same database).
+    assert samples["pipeline_ops_queue_depth"][(("broker", "orm"), ("state", "ready"))] >= 3
+    assert samples["pipeline_ops_broker_up"][()] == 1
+    assert samples["pipeline_ops_stuck_leases"][()] == 0
+    assert samples["pipeline_ops_processing_keys"][()] == IdempotencyRecord.objects.filter(status=RecordStatus.PROCESSING).count()
+
+
+def test_latency_histogram_counts_every_finished_step_attempt_when_scraped(client, world):
+    samples = scrape(client)
+
+    counts = samples["pipeline_ops_step_latency_seconds_count"]
+    assert counts[(("step", "preprocess"),)] == 3
+    assert counts[(("step", "ops_boom"),)] == 2
+    assert counts[(("step", "ops_value"),)] == 1
+    buckets = samples["pipeline_ops_step_latency_seconds_bucket"]
+    assert buckets[(("le", "+Inf"), ("step", "preprocess"))] == 3
+    le_300 = buckets[(("le", "300.0"), ("step", "preprocess"))]
+    assert le_300 == 3  # an offline step takes well under five minutes
+    ordered = [buckets[(("le", str(b)), ("step", "preprocess"))] for b in metrics_module.LATENCY_BUCKETS_SECONDS]
+    assert ordered == sorted(ordered)  # cumulative
+    duration = ExpressionWrapper(F("finished_at") - F("started_at"), output_field=DurationField())
+    expected = (
+        Attempt.objects.filter(record__key__endswith=":preprocess", finished_at__isnull=False)
+        .aggregate(total=Sum(duration))["total"]
+    )
+    assert samples["pipeline_ops_step_latency_seconds_sum"][(("step", "preprocess"),)] == pytest.approx(
+        expected.total_seconds(), abs=1e-3
+    )
+
+
+def test_stuck_leases_and_oldest_age_appear_when_a_lease_expired(client, world):
+    from django.utils import timezone
+
+    from idempotency import guard
+
+    guard.claim(scope="step", key="stuck:1", operation="op", fingerprint="a" * 64, lease_seconds=1,
+                now=timezone.now() - timedelta(minutes=10))
+
+    samples = scrape(client)
+
+    assert samples["pipeline_ops_stuck_leases"][()] == 1
+    assert samples["pipeline_ops_oldest_processing_age_seconds"][()] == pytest.approx(600, abs=30)
+
+
+def test_http_responses_are_counted_by_status_and_code_when_the_api_answers_409_or_422(client):
+    from django.http import JsonResponse
+
+    from pipeline_ops.observability.metrics import ResponseMetricsMiddleware
+
+    def answer(status, code):
+        return ResponseMetricsMiddleware(
+            lambda request: JsonResponse({"code": code, "message": "m"}, status=status, content_type="application/problem+json")
+        )(None)
+
+    before = scrape(client).get("pipeline_ops_http_responses_total", {})
+    answer(409, "idempotency_key_in_progress")
+    answer(409, "idempotency_key_in_progress")
+    answer(422, "idempotency_key_reused")
+    after = scrape(client)["pipeline_ops_http_responses_total"]
+
+    key_409 = (("code", "idempotency_key_in_progress"), ("status", "409"))
+    key_422 = (("code", "idempotency_key_reused"), ("status", "422"))
+    assert after[key_409] - before.get(key_409, 0) == 2
+    assert after[key_422] - before.get(key_422, 0) == 1
+
+
+def test_api_conflict_is_counted_when_a_real_request_gets_one(client, django_user_model):
+    """Through the whole stack: a POST without Idempotency-Key is a 400 with a stable code."""
+    from rest_framework.authtoken.models import Token
+
+    user = django_user_model.objects.create_user(username="metrics-client")
+    token = Token.objects.create(user=user)
+    before = scrape(client).get("pipeline_ops_http_responses_total", {})
+
+    response = client.post("/api/v1/inputs/", data={"pipeline": "default", "payload": {"text": "x"}},
+                           content_type="application/json", HTTP_AUTHORIZATION=f"Token {token.key}")
+    code = response.json().get("code")
+    assert response.status_code == 400 and code
+
+    after = scrape(client)["pipeline_ops_http_responses_total"]
+    key = (("code", code), ("status", "400"))
+    assert after[key] - before.get(key, 0) == 1
+
+
+def test_metrics_add_up_worker_files_when_prometheus_multiproc_dir_is_set(tmp_path):
+    """Two processes count into one directory; a third scrapes the sum (gunicorn's shape)."""
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path), "DJANGO_SETTINGS_MODULE": "tests.settings"}
+    count = (
+        "import django; django.setup();"
+        "from pipeline_ops.observability.metrics import HTTP_RESPONSES;"
+        "HTTP_RESPONSES.labels(status='409', code='idempotency_key_in_progress').inc({n})"
+    )
+    for n in (2, 3):
+        subprocess.run([sys.executable, "-c", count.format(n=n)], cwd=ROOT, env=env, check=True, timeout=60)
+    scrape_code = (
+        "import django; django.setup();"
+        "from prometheus_client import CollectorRegistry, generate_latest, multiprocess;"
+        "from pipeline_ops.observability.metrics import multiprocess_dir;"
+        "r = CollectorRegistry(); multiprocess.MultiProcessCollector(r); assert multiprocess_dir();"
+        "print(generate_latest(r).decode())"
+    )
+    out = subprocess.run([sys.executable, "-c", scrape_code], cwd=ROOT, env=env, check=True, timeout=60,
+                         capture_output=True, text=True).stdout
+    assert 'pipeline_ops_http_responses_total{code="idempotency_key_in_progress",status="409"} 5.0' in out
+
+
+# --- /healthz -----------------------------------------------------------------------------------
+
+
+def test_healthz_is_503_with_detail_when_no_cluster_heartbeat_exists(client):
+    response = client.get("/healthz")
+
+    assert response.status_code == 503
+    body = response.json()
+    assert body["status"] == "fail"
+    assert body["checks"]["database"]["ok"] is True
+    assert body["checks"]["broker"]["ok"] is True and body["checks"]["broker"]["broker"] == "orm"
+    assert body["checks"]["cluster"]["ok"] is False
+    assert "no cluster heartbeat" in body["checks"]["cluster"]["error"]
+
+
+def test_healthz_is_200_when_the_cluster_check_is_not_required(client, settings):
+    settings.HEALTHZ_REQUIRE_CLUSTER = False
+
+    response = client.get("/healthz")
+
+    assert response.status_code == 200
+    body = response.json()
+    assert body["status"] == "ok"
+    assert body["checks"]["cluster"] == {**body["checks"]["cluster"], "ok": False, "required": False}
+
+
+def test_healthz_is_503_when_the_redis_broker_is_unreachable(client, settings):
+    port = closed_port()
+    settings.HEALTHZ_REQUIRE_CLUSTER = False
+    settings.PIPELINE_OPS_BROKER = "redis"
+    settings.Q_CLUSTER = {**settings.Q_CLUSTER, "redis": f"redis://user:secret@127.0.0.1:{port}/0"}
+
+    response = client.get("/healthz")
+
+    assert response.status_code == 503
+    broker = response.json()["checks"]["broker"]
+    assert broker["ok"] is False and broker["broker"] == "redis"
+    assert "ConnectionError" in broker["error"] or "refused" in broker["error"].lower()
+    assert response.json()["checks"]["database"]["ok"] is True
+    assert "secret" not in response.content.decode()
+
+
+def test_healthz_reports_the_redis_queue_when_redis_is_reachable(client, settings):
+    import redis
+
+    try:
+        redis.Redis.from_url("redis://127.0.0.1:6379/0", socket_connect_timeout=1).ping()
+    except redis.ConnectionError:
+        pytest.fail("Redis on 127.0.0.1:6379 is part of the test environment (see the team brief)")
+    settings.HEALTHZ_REQUIRE_CLUSTER = False
+    settings.PIPELINE_OPS_BROKER = "redis"
+    settings.Q_CLUSTER = {**settings.Q_CLUSTER, "redis": "redis://127.0.0.1:6379/0", "name": "pipeline_ops_ops_health"}
+
+    response = client.get("/healthz")
+
+    assert response.status_code == 200
+    assert response.json()["checks"]["broker"] | {"seconds": 0} == {
+        "ok": True, "required": True, "seconds": 0, "broker": "redis", "url": "redis://127.0.0.1:6379/0",
+        "queue": "pipeline_ops_ops_health", "ready": 0,
+    }
+
+
+# --- structured logs ----------------------------------------------------------------------------
+
+
+def _json_logger(name: str) -> tuple[logging.Logger, io.StringIO]:
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(JsonFormatter())
+    handler.addFilter(LogContextFilter())
+    logger = logging.getLogger(name)
+    logger.handlers = [handler]
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    return logger, stream
+
+
+def test_json_log_line_carries_input_step_attempt_and_key_when_inside_a_context():
+    logger, stream = _json_logger("tests.ops.json1")
+
+    with log_context(input_id="7c0e", step="sentiment", key="7c0e:sentiment"):
+        with log_context(attempt=2):
+            logger.info("model answered in %d ms", 41, extra={"tokens": 12})
+        logger.warning("outside the attempt")
+    logger.error("no context")
+
+    first, second, third = (json.loads(line) for line in stream.getvalue().splitlines())
+    assert first | {"ts": "", "pid": 0} == {
+        "ts": "", "pid": 0, "level": "INFO", "logger": "tests.ops.json1", "message": "model answered in 41 ms",
+        "input_id": "7c0e", "step": "sentiment", "attempt": 2, "key": "7c0e:sentiment", "tokens": 12,
+    }
+    assert second["attempt"] is None and second["step"] == "sentiment"
+    assert [third[f] for f in ("input_id", "step", "attempt", "key")] == [None, None, None, None]
+
+
+def test_bound_fields_end_with_the_task_when_the_task_is_isolated():
+    logger, stream = _json_logger("tests.ops.json2")
+
+    @log_context_isolated
+    def task(n):
+        log_context_bind(input_id=f"input-{n}", step="preprocess", key=f"input-{n}:preprocess", attempt=1)
+        try:
+            raise RuntimeError("step crashed")
+        except RuntimeError:
+            logger.exception("attempt failed")
+
+    task(1)
+    logger.info("between tasks")
+
+    failed, between = (json.loads(line) for line in stream.getvalue().splitlines())
+    assert failed["input_id"] == "input-1" and failed["attempt"] == 1
+    assert failed["exc_type"] == "RuntimeError" and "step crashed" in failed["traceback"]
+    assert between["input_id"] is None
+
+
+def test_log_format_json_setting_makes_every_project_log_line_json_when_set():
+    code = (
+        "import django, logging; django.setup();"
+        "from pipeline_ops.observability.logging import log_context;"
+        "ctx = log_context(input_id='abc', step='llm', attempt=3, key='abc:llm'); ctx.__enter__();"
+        "logging.getLogger('pipeline_ops.runner').warning('late answer fenced')"
+    )
+    env = {**os.environ, "LOG_FORMAT": "json", "DJANGO_SETTINGS_MODULE": "tests.settings"}
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    line = json.loads(result.stderr.strip().splitlines()[-1])
+    assert (line["message"], line["input_id"], line["step"], line["attempt"], line["key"], line["level"]) == (
+        "late answer fenced", "abc", "llm", 3, "abc:llm", "WARNING",
+    )
