@@ -156,7 +156,9 @@ Q_CLUSTER = {
     "bulk": 1,
     "poll": float(os.environ.get("Q_POLL", "0.2")),
     "timeout": STEP_TIMEOUT_SECONDS,
-    "retry": 2 * STEP_TIMEOUT_SECONDS + 120,
+    # Q_RETRY_SECONDS: only for chaos runs and cluster tests, which SIGKILL clusters and want the
+    # prefetched tasks of a dead cluster back in seconds; keep it >= 2 * timeout + margin.
+    "retry": env_int("Q_RETRY_SECONDS", 2 * STEP_TIMEOUT_SECONDS + 120),
     "ack_failures": True,
     "max_attempts": 1,
     # Our tables hold results; save_limit=250 would lock every Success row per task (~100/s cap).
