@@ -24,8 +24,9 @@ from django.utils import timezone
 
 from idempotency import guard
 from idempotency.fingerprint import fingerprint
-from idempotency.models import Attempt
+from idempotency.models import Attempt, IdempotencyRecord
 from idempotency.policy import NO_RETRY, RetryPolicy
+from idempotency.states import RecordStatus
 
 from ..models import StepOutput, StepRun
 from ..queueing import step_run_enqueue
@@ -214,6 +215,10 @@ def _step_run_complete(*, step_run: StepRun, step: Step, attempt: Attempt, outpu
             status=StepStatus.SUCCEEDED, finished_at=now, last_error="", next_attempt_at=None, updated_at=now
         )
         if not done:
+            if not _holds_key(attempt):
+                # Cancelled or force-retried: the key was taken away, so the guard's own
+                # conditional UPDATE below refuses this completion and marks the attempt FENCED.
+                return
             raise StepNoLongerRunningError(f"step run {step_run.pk} left RUNNING while attempt #{attempt.number} held its key")
         step_run_queue_next(step_run=step_run, now=now)
         input_roll_up(input_id=step_run.input_id, now=now)
@@ -226,6 +231,12 @@ def _step_run_complete(*, step_run: StepRun, step: Step, attempt: Attempt, outpu
         log.info("attempt #%s of %s fenced: %s", attempt.number, step_run.idempotency_key, completion.reason)
         return StepExecution(Outcome.FENCED, step_run.pk, attempt.number, message=completion.reason)
     return StepExecution(Outcome.SUCCEEDED, step_run.pk, attempt.number)
+
+
+def _holds_key(attempt: Attempt) -> bool:
+    return IdempotencyRecord.objects.filter(
+        pk=attempt.record_id, status=RecordStatus.PROCESSING, attempt_count=attempt.number
+    ).exists()
 
 
 def _step_run_after_error(
