@@ -64,7 +64,10 @@ class ChaosConfig:
     client_timeout: float = 1.0
     # Short leases and django-q2 timeout so a SIGKILLed attempt is taken over within seconds.
     lease_seconds: int = 4
-    step_timeout: int = 10
+    step_timeout: int = 5
+    # django-q2 redelivers a dead cluster's prefetched (never started) tasks only after `retry`;
+    # 2 * step_timeout + margin keeps the rule retry >= (queue_limit/workers + 1) * timeout + margin.
+    retry_seconds: int = 18
     reconcile_interval: float = 1.0
     lost_grace_seconds: int = 4
     duplicate_enqueues: int = 0  # 0: inputs // 4, at least 3
@@ -124,6 +127,7 @@ def cluster_env(cfg: ChaosConfig, *, model_url: str) -> dict[str, str]:
         Q_POLL="0.1",
         Q_LOG_LEVEL="ERROR",
         STEP_TIMEOUT_SECONDS=cfg.step_timeout,
+        Q_RETRY_SECONDS=cfg.retry_seconds,
         IDEMPOTENCY_LEASE_SECONDS=cfg.lease_seconds,
         PIPELINE_STEP_POLICIES=json.dumps(policies),
         LLM_BASE_URL=model_url,
@@ -292,6 +296,8 @@ def run_guarded(cfg: ChaosConfig) -> dict:
         faults={**served["injected"], **dict(faults.counts), "late_writes_delivered": late.delivered,
                 "killed_tasks": faults.killed_tasks},
         late_writes_fenced=late.fenced, late_writes_accepted=late.accepted,
+        # A late answer is handed to an UNKNOWN attempt, which then ends FENCED: count it once.
+        unknown_outcomes=summary["unknown_outcomes"] + late.delivered,
         knobs=cfg.knobs(),
     )
     summary["integrity"] = integrity_check()
@@ -424,27 +430,12 @@ def guarded_summary(*, scope: str, calls: dict[str, int]) -> dict:
 
 
 def integrity_check() -> dict:
-    """Run ``verify_integrity --json`` on this database: {'ok': bool, 'report': ...}."""
-    import io
-    import json
+    """What ``verify_integrity`` checks, on the whole database: {'ok', 'counts', 'violations'}."""
+    from pipeline_ops.integrity import integrity_check as check
 
-    from django.core.management import call_command
-    from django.core.management.base import CommandError
-
-    buf = io.StringIO()
-    try:
-        call_command("verify_integrity", "--json", stdout=buf)
-        ok = True
-    except (CommandError, SystemExit):
-        ok = False
-    text = buf.getvalue()
-    try:
-        report = json.loads(text) if text.strip() else {}
-    except ValueError:
-        report = {"output": text[-2000:]}
-    if isinstance(report, dict) and "ok" in report:
-        ok = ok and bool(report["ok"])
-    return {"ok": ok, "report": report}
+    report = check().as_dict()
+    return {"ok": report["ok"], "counts": report["counts"], "violations": report["violations"][:20],
+            "notes": report["notes"]}
 
 
 # --- the control group ----------------------------------------------------------------------------
