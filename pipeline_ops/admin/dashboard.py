@@ -47,6 +47,16 @@ def throughput_chart(points) -> dict:
     }
 
 
+def age_text(seconds: float | None) -> str:
+    if seconds is None:
+        return "—"
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
 def dashboard_view(request):
     # admin_view already requires an active staff user; the numbers are about inputs.
     if not request.user.has_perm("pipeline_ops.view_pipelineinput"):
@@ -59,6 +69,7 @@ def dashboard_view(request):
         "data": data,
         "input_rows": [(label, value, data.inputs_last_hour[value], data.inputs_last_day[value]) for value, label in statuses],
         "chart": throughput_chart(data.series),
+        "oldest_age": age_text(data.leases.oldest_processing_age_seconds),
         "attempt_rows": [(label, value, data.attempts_by_status[value]) for value, label in AttemptStatus.choices],
         "rates": [
             {"step": r.step, "succeeded": r.succeeded, "failed": r.failed, "active": r.active,

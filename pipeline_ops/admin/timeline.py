@@ -113,7 +113,7 @@ def input_timeline(*, pipeline_input: PipelineInput, now: datetime | None = None
                 Bar(
                     x=round(x, 1), y=index * ROW_HEIGHT + 20, width=round(width, 1), colour=a.colour,
                     title=f"{row.step_run.step} attempt #{a.attempt.number}: {a.attempt.status}, {a.duration}, worker {a.attempt.worker or '?'}",
-                    label=f"#{a.attempt.number}",
+                    label=f"#{a.attempt.number}" if width >= 22 else "",  # no label where it would not fit
                 )
             )
     return {

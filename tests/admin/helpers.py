@@ -51,7 +51,10 @@ def fail_step(step_run: StepRun, *, error: Exception | None = None, worker: str 
     """A worker claims the step and its attempt fails for good (as the runner records it)."""
     attempt = claim_step(step_run, worker=worker)
     error = error or ConnectionError("model provider returned 503 (outage)")
-    guard.fail(attempt=attempt, error=error, details={"latency_ms": 1234, "tokens": 0})
+    try:
+        raise error  # raised for real, so the attempt keeps a real traceback
+    except Exception as exc:
+        guard.fail(attempt=attempt, error=exc, details={"latency_ms": 1234, "tokens": 0})
     StepRun.objects.filter(pk=step_run.pk).update(
         status=StepStatus.FAILED, last_error=f"{type(error).__name__}: {error}", finished_at=timezone.now()
     )
@@ -66,10 +69,10 @@ def make_stuck(step_run: StepRun, *, worker: str = "worker-dead:7") -> Attempt:
     return attempt
 
 
-def failed_input(**kwargs) -> tuple[PipelineInput, StepRun, Attempt]:
+def failed_input(*, error: Exception | None = None, **kwargs) -> tuple[PipelineInput, StepRun, Attempt]:
     pipeline_input = submit(**kwargs)
     step_run = first_step(pipeline_input)
-    attempt = fail_step(step_run)
+    attempt = fail_step(step_run, error=error)
     pipeline_input.refresh_from_db()
     step_run.refresh_from_db()
     return pipeline_input, step_run, attempt
