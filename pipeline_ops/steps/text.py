@@ -1,6 +1,7 @@
 """Offline text steps: preprocess, sentiment (VADER), summarise (extractive). No network, no weights."""
 from __future__ import annotations
 
+import math
 import os
 import re
 import threading
@@ -114,8 +115,9 @@ _ALL_STOPWORDS = frozenset().union(*_STOPWORDS.values())
 def summarise_text(text: str, *, sentences: int) -> list[str]:
     """The ``sentences`` highest-scoring sentences, in their original order.
 
-    A sentence scores the mean document frequency of its content words (classic Luhn-style
-    extraction): deterministic, offline, good enough to show the pipeline doing real work.
+    A sentence scores the document frequency of its content words, summed and divided by the
+    square root of their number (Luhn-style extraction; the root keeps both one-word sentences
+    and long rambling ones from winning): deterministic, offline, real work.
     """
     parts = [s.strip() for s in _SENTENCE.split(text) if s.strip()]
     if len(parts) <= sentences:
@@ -123,7 +125,7 @@ def summarise_text(text: str, *, sentences: int) -> list[str]:
     words_of = [[w.lower() for w in _WORD.findall(p) if w.lower() not in _ALL_STOPWORDS] for p in parts]
     freq = Counter(w for words in words_of for w in words)
     scored = [
-        (sum(freq[w] for w in words) / (len(words) or 1), -index)
+        (sum(freq[w] for w in words) / math.sqrt(len(words) or 1), -index)
         for index, words in enumerate(words_of)
     ]
     chosen = sorted(sorted(range(len(parts)), key=lambda i: scored[i], reverse=True)[:sentences])

@@ -1,0 +1,132 @@
+"""The reconciler re-enqueues each kind of stalled step exactly once, and nothing else."""
+from __future__ import annotations
+
+import json
+from datetime import timedelta
+
+import pytest
+from django.core.management import call_command
+from django.utils import timezone
+from django_q.models import OrmQ, Schedule
+
+from idempotency.models import Attempt
+from idempotency.states import AttemptStatus, RecordStatus
+from pipeline_ops.models import StepRun
+from pipeline_ops.reconciler import SCHEDULE_FUNC, SCHEDULE_NAME, reconcile_once, reconcile_schedule_install
+from pipeline_ops.services.inputs import input_cancel, input_submit
+from pipeline_ops.services.steps import Outcome
+from pipeline_ops.states import StepStatus
+from pipeline_ops.steps import TransientStepError
+
+from .conftest import drain, queued_ids
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+class WorkerKilled(BaseException):
+    """Stands in for SIGKILL mid-step: nothing after the raise runs, as in a dead worker."""
+
+
+def submit(pipeline="default"):
+    return input_submit(pipeline=pipeline, payload={"text": "Fine words. Good words. Kind words."}, scope="tests").input
+
+
+def test_lost_message_is_enqueued_again_when_queue_has_no_task_for_it():
+    pipeline_input = submit()
+    first = StepRun.objects.get(input=pipeline_input, position=0)
+    later = timezone.now() + timedelta(seconds=61)
+    assert reconcile_once(now=later).lost == []  # its task is still on the queue: not lost
+
+    OrmQ.objects.all().delete()  # e.g. a Redis broker lost it in a crash
+    assert reconcile_once().lost == []  # within the grace period
+    report = reconcile_once(now=later)
+
+    assert report.lost == [first.pk]
+    assert queued_ids() == [first.pk]
+    assert reconcile_once(now=later).enqueued == 0  # enqueued_at moved: a second pass sends nothing
+    assert [outcome for _, outcome in drain()] == [Outcome.SUCCEEDED] * 3
+
+
+def test_expired_lease_is_enqueued_again_when_worker_died_mid_step(test_steps, pipeline):
+    def dies_once(ctx):
+        if ctx.attempt_number == 1:
+            raise WorkerKilled()
+        return {"survived": ctx.attempt_number}
+
+    test_steps("dies_once", dies_once, lease_seconds=30)
+    pipeline_input = submit(pipeline("dies_pipe", ["dies_once"]))
+    run = StepRun.objects.get(input=pipeline_input)
+    with pytest.raises(WorkerKilled):
+        drain()
+    run.refresh_from_db()
+    assert run.status == StepStatus.RUNNING and run.idempotency_record.status == RecordStatus.PROCESSING
+    assert queued_ids() == []
+
+    assert reconcile_once().enqueued == 0  # the lease is still alive
+    after_lease = timezone.now() + timedelta(seconds=120)
+    report = reconcile_once(now=after_lease)
+
+    assert report.expired_leases == [run.pk]
+    assert queued_ids() == [run.pk]
+    assert drain(now=after_lease) == [(run.pk, Outcome.SUCCEEDED)]
+    statuses = list(Attempt.objects.filter(record__key=run.idempotency_key).order_by("number").values_list("status", flat=True))
+    assert statuses == [AttemptStatus.TIMED_OUT, AttemptStatus.SUCCEEDED]
+    run.refresh_from_db()
+    assert run.attempts_used == 2
+
+
+def test_due_retry_is_enqueued_once_when_two_reconcilers_run(test_steps, pipeline):
+    def flaky(ctx):
+        if ctx.attempt_number == 1:
+            raise TransientStepError("try again")
+        return {}
+
+    test_steps("flaky", flaky)
+    pipeline_input = submit(pipeline("retry_pipe", ["flaky"]))
+    drain()
+    run = StepRun.objects.get(input=pipeline_input)
+    assert run.status == StepStatus.RETRY_WAIT
+
+    first, second = reconcile_once(), reconcile_once()
+
+    assert first.due_retries == [run.pk] and second.enqueued == 0
+    assert queued_ids() == [run.pk]
+
+
+def test_dry_run_changes_nothing_when_work_is_due():
+    submit()
+    OrmQ.objects.all().delete()
+    later = timezone.now() + timedelta(seconds=61)
+    report = reconcile_once(now=later, dry_run=True)
+    assert len(report.lost) == 1 and queued_ids() == []
+    assert reconcile_once(now=later).lost == report.lost
+
+
+def test_cancelled_input_is_never_enqueued_again():
+    pipeline_input = submit()
+    OrmQ.objects.all().delete()
+    input_cancel(pipeline_input=pipeline_input)
+    assert reconcile_once(now=timezone.now() + timedelta(hours=2)).enqueued == 0
+
+
+def test_reconcile_command_reports_json_when_run_once(capsys):
+    submit()
+    OrmQ.objects.all().delete()
+    call_command("reconcile", "--once", "--json", "--grace", "0")
+    report = json.loads(capsys.readouterr().out)
+    assert report["enqueued"] == 1 and len(report["lost"]) == 1
+
+
+def test_reconcile_command_refuses_bad_interval():
+    from django.core.management.base import CommandError
+
+    with pytest.raises(CommandError, match="--interval must be positive"):
+        call_command("reconcile", "--interval", "0")
+
+
+def test_schedule_install_is_idempotent_when_run_twice():
+    Schedule.objects.filter(name=SCHEDULE_NAME).delete()
+    assert reconcile_schedule_install() is True
+    assert reconcile_schedule_install() is False
+    (schedule,) = Schedule.objects.filter(name=SCHEDULE_NAME)
+    assert schedule.func == SCHEDULE_FUNC and schedule.schedule_type == Schedule.MINUTES and schedule.minutes == 1
