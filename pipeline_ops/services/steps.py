@@ -192,7 +192,8 @@ def _step_run_start(*, step_run: StepRun, attempt: Attempt) -> StepExecution | N
             started_at=Coalesce(F("started_at"), Value(now)), next_attempt_at=None,
             idempotency_record_id=attempt.record_id, updated_at=now,
         )
-        if moved:
+        if moved and step_run.input.status != InputStatus.RUNNING:
+            # Only the first start changes the input (PENDING -> RUNNING): spare the others a query.
             input_roll_up(input_id=step_run.input_id, now=now)
     if moved:
         return None
@@ -220,8 +221,11 @@ def _step_run_complete(*, step_run: StepRun, step: Step, attempt: Attempt, outpu
                 # conditional UPDATE below refuses this completion and marks the attempt FENCED.
                 return
             raise StepNoLongerRunningError(f"step run {step_run.pk} left RUNNING while attempt #{attempt.number} held its key")
-        step_run_queue_next(step_run=step_run, now=now)
-        input_roll_up(input_id=step_run.input_id, now=now)
+        queued = step_run_queue_next(step_run=step_run, now=now)
+        if queued is None or step_run.input.status != InputStatus.RUNNING:
+            # The last step (or an unusual chain) may change the input; a middle step of a
+            # running input leaves it RUNNING, so the roll-up's two queries are skipped.
+            input_roll_up(input_id=step_run.input_id, now=now)
 
     try:
         completion = guard.complete(attempt=attempt, result=output, write=write, details=details or None)

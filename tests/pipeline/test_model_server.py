@@ -82,3 +82,31 @@ def test_same_seed_gives_same_fault_pattern():
         with ModelServer(seed=42, error_rate=0.5) as s:
             patterns.append([post(s).status_code for _ in range(12)])
     assert patterns[0] == patterns[1] and set(patterns[0]) == {200, 500}
+
+
+def test_command_serves_until_sigterm_when_started_as_a_subprocess():
+    import os
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    proc = subprocess.Popen(
+        [sys.executable, "manage.py", "model_server", "--port", "0", "--error-rate", "1", "--seed", "3"],
+        cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "DJANGO_SETTINGS_MODULE": "pipeline_ops.settings"},
+    )
+    try:
+        line = proc.stdout.readline().strip()
+        assert line.startswith("model server listening on http://127.0.0.1:"), (line, proc.stderr.read() if proc.poll() is not None else "")
+        url = line.rsplit(" ", 1)[1]
+        assert httpx.post(f"{url}/v1/chat/completions", json=BODY, headers={"Idempotency-Key": "x"}).status_code == 500
+        assert httpx.get(f"{url}/_stats").json()["calls_by_key"] == {"x": 1}
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=10) == 0
+        assert "1 calls, 1 distinct keys" in proc.stdout.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

@@ -11,6 +11,8 @@ from pipeline_ops.model_server import ModelServer
 
 
 class Command(BaseCommand):
+    # It touches neither the database nor the admin: start even where those are misconfigured.
+    requires_system_checks: list[str] = []
     help = (
         "Run a local OpenAI-compatible model server (POST /v1/chat/completions) that injects faults: "
         "latency, 500s, 429s with Retry-After, and stalls past the client's timeout after processing "
