@@ -70,6 +70,9 @@ class Command(BaseCommand):
         if opts["client_timeout"] >= opts["stall_seconds"]:
             raise CommandError("--client-timeout must be shorter than --stall-seconds, or no stall is a late answer.")
         # A SIGTERM must unwind through the finally blocks that stop the clusters.
+        # Ctrl-C and SIGTERM unwind through the finally blocks that stop every child (SIGINT may
+        # arrive ignored when started in the background by a non-interactive shell).
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
         call_command("migrate", verbosity=0, interactive=False)
         if connection.vendor == "sqlite" and opts["clusters"] > 1 and not opts["json"]:

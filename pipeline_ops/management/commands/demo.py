@@ -56,6 +56,9 @@ class Command(BaseCommand):
             raise CommandError("--workers must be between 1 and 16.")
         if not 0.0 <= opts["stall_rate"] <= 1.0:
             raise CommandError("--stall-rate must be between 0 and 1.")
+        # Ctrl-C and SIGTERM unwind through the finally blocks that stop every child (SIGINT may
+        # arrive ignored when started in the background by a non-interactive shell).
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
         from pipeline_ops.model_server import ModelServer
 
