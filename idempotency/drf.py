@@ -45,16 +45,18 @@ from typing import Any
 
 from django.core.exceptions import PermissionDenied as DjangoPermissionDenied
 from django.core.exceptions import RequestDataTooBig
+from django.db import transaction
 from django.http import Http404, HttpResponse
 from rest_framework import exceptions as drf_exceptions
 from rest_framework.renderers import JSONRenderer
 from rest_framework.response import Response
 
 from . import conf, guard
-from .errors import IdempotencyError, KeyFailedError, KeyInProgressError, KeyMalformedError, KeyMissingError, KeyReusedError
+from .errors import AttemptFencedError, IdempotencyError, KeyFailedError, KeyInProgressError, KeyMalformedError, KeyMissingError, KeyReusedError
 from .fingerprint import fingerprint
 from .models import IdempotencyRecord
 from .policy import RetryPolicy
+from .states import RecordStatus
 
 logger = logging.getLogger(__name__)
 
@@ -171,6 +173,10 @@ class StoredResponse:
         return response
 
 
+class _Fenced(Exception):
+    """This attempt lost the key before it could complete."""
+
+
 class _NotKept(Exception):
     """The handler answered with an error: roll its writes back and store nothing."""
 
@@ -228,33 +234,37 @@ def idempotent_call(
 
 
 def _run(attempt, perform: Callable[[], HttpResponse], on_claimed: Callable[[Any], None] | None = None) -> HttpResponse:
-    # guard.complete stores ``result`` after ``write`` ran, in the same transaction, so the
-    # response can describe what the write created (its id, its Location): ``write`` fills the
-    # dict that complete then saves.
-    result: dict = {}
-
-    def write() -> None:
-        stored = StoredResponse.from_response(perform())
-        if stored.status >= 400:
-            raise _NotKept(stored.to_response(replayed=False))
-        result.update(stored.as_result())
-
+    # One transaction holds the work's writes and the completion of the key (guard.complete's
+    # own atomic block becomes a savepoint in it): the response to store describes what the
+    # work created (its id, its Location), so it is known only after the work ran.
     try:
         if on_claimed is not None:
             on_claimed(attempt)
-        completion = guard.complete(attempt=attempt, result=result, write=write)
+        with transaction.atomic():
+            stored = StoredResponse.from_response(perform())
+            if stored.status >= 400:
+                raise _NotKept(stored.to_response(replayed=False))
+            if guard.complete(attempt=attempt, result=stored.as_result()).fenced:
+                raise _Fenced  # roll our writes back: a newer attempt owns the key
+    except _Fenced:
+        # Our writes are gone, and so is the FENCED mark complete() made inside our transaction.
+        # A key once lost is never regained (attempt_count only grows), so completing again now
+        # can only be refused: it records this attempt as FENCED for good and returns the
+        # winner's stored response, if any. The check is belt and braces for that invariant.
+        if IdempotencyRecord.objects.filter(pk=attempt.record_id, status=RecordStatus.PROCESSING, attempt_count=attempt.number).exists():
+            guard.fail(attempt=attempt, error=AttemptFencedError(), policy=RETRY_AT_ONCE)
+            raise KeyInProgressError("This request lost its Idempotency-Key to a newer one; retry.") from None
+        completion = guard.complete(attempt=attempt, result=None)
+        if completion.fenced and completion.result:
+            return StoredResponse.from_result(completion.result).to_response(replayed=True)
+        raise KeyInProgressError("A newer attempt took over this Idempotency-Key; retry to get its response.") from None
     except _NotKept as refused:
         guard.fail(attempt=attempt, error=refused, policy=RETRY_AT_ONCE)
         return refused.response
     except Exception as exc:
         guard.fail(attempt=attempt, error=exc, policy=RETRY_AT_ONCE)
         raise
-    if completion.fenced:
-        # Our lease ran out and a newer attempt took the key: our writes were rolled back.
-        if completion.result:
-            return StoredResponse.from_result(completion.result).to_response(replayed=True)
-        raise KeyInProgressError("A newer attempt took over this Idempotency-Key; retry to get its response.")
-    return StoredResponse.from_result(result).to_response(replayed=False)
+    return stored.to_response(replayed=False)
 
 
 def _wait_for_change(record: IdempotencyRecord, *, deadline: float) -> None:

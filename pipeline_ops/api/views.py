@@ -7,6 +7,7 @@ from drf_spectacular.utils import OpenApiExample, OpenApiParameter, OpenApiRespo
 from rest_framework import status as http
 from rest_framework.exceptions import PermissionDenied
 from rest_framework.generics import GenericAPIView
+from rest_framework.parsers import JSONParser
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
@@ -54,6 +55,8 @@ def _problems(*statuses: int) -> dict:
 
 class ApiView(APIView):
     throttle_classes = [ApiClientRateThrottle]
+    # JSON only: a payload is a nested object, which a form cannot carry.
+    parser_classes = [JSONParser]
 
     def initial(self, request, *args, **kwargs):
         super().initial(request, *args, **kwargs)
@@ -72,7 +75,7 @@ IDEMPOTENCY_KEY_PARAMETER = OpenApiParameter(
         "Required. 1-255 printable ASCII characters, bare or as an RFC 8941 quoted string (\"abc\"). "
         "Scoped to your client; kept for the retention period (IDEMPOTENCY RETENTION_HOURS, default 24 h)."
     ),
-    pattern=r"^[ -~]+$",
+    pattern=r"^ *[!-~][ -~]{0,250}$",
 )
 PREFER_PARAMETER = OpenApiParameter(
     name="Prefer", location=OpenApiParameter.HEADER, required=False, type=OpenApiTypes.STR,
