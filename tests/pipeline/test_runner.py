@@ -270,3 +270,25 @@ def test_fenced_step_stops_when_heartbeat_is_refused(test_steps, pipeline):
     first, second = attempts_of(run)
     assert first.error_type == "StepStoppedError" and second.status == AttemptStatus.SUCCEEDED
     assert StepOutput.objects.get(step_run=run).output == {"attempt": 2}
+
+
+def test_step_runs_once_when_many_workers_get_the_same_task_at_once():
+    pipeline_input = submit()
+    first, second, _ = steps_of(pipeline_input)
+    barrier = threading.Barrier(6)
+
+    class Racer(StepThread):
+        def run(self):
+            barrier.wait(10)
+            super().run()
+
+    racers = [Racer(first.pk) for _ in range(6)]
+    for racer in racers:
+        racer.start()
+    outcomes = sorted(racer.result() for racer in racers)
+
+    assert outcomes.count(Outcome.SUCCEEDED) == 1
+    assert set(outcomes) <= {Outcome.SUCCEEDED, Outcome.IN_FLIGHT, Outcome.REPLAYED}
+    assert StepOutput.objects.filter(step_run=first).count() == 1
+    assert len(attempts_of(first)) == 1
+    assert queued_ids().count(second.pk) == 1
