@@ -37,6 +37,13 @@ test-postgres: setup
 ## bench: the benchmarks (not tests); each prints ratios against a baseline measured in the same run
 bench: setup
 	$(PY) bench/guard.py
+	$(PY) bench/pipeline_throughput.py
+
+## chaos: the incident replayed on real workers (PostgreSQL, 2 clusters), guarded vs the naive control group
+CHAOS_DATABASE_URL ?= $(TEST_DATABASE_URL)
+CHAOS_ARGS ?= --inputs 100 --naive
+chaos: setup
+	DEBUG=1 DATABASE_URL=$(CHAOS_DATABASE_URL) $(PY) manage.py chaos $(CHAOS_ARGS)
 
 clean:
 	rm -rf $(VENV) var/*.sqlite3*
