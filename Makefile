@@ -40,10 +40,10 @@ bench: setup
 	$(PY) bench/pipeline_throughput.py
 
 ## chaos: the incident replayed on real workers (PostgreSQL, 2 clusters), guarded vs the naive control group
-CHAOS_DATABASE_URL ?= $(TEST_DATABASE_URL)
+CHAOS_DATABASE_URL ?= postgres://postgres@127.0.0.1:5432/pipeline_ops_chaos
 CHAOS_ARGS ?= --inputs 100 --naive
 chaos: setup
-	DEBUG=1 DATABASE_URL=$(CHAOS_DATABASE_URL) $(PY) manage.py chaos $(CHAOS_ARGS)
+	DEBUG=1 $(PY) manage.py chaos --database $(CHAOS_DATABASE_URL) $(CHAOS_ARGS)
 
 clean:
 	rm -rf $(VENV) var/*.sqlite3*

@@ -33,6 +33,23 @@ def _rate(value: str) -> float:
     return number
 
 
+def _ensure_database(url: str) -> None:
+    """Create a PostgreSQL database named by ``url`` if it does not exist (SQLite files create themselves)."""
+    import dj_database_url
+    import psycopg
+
+    cfg = dj_database_url.parse(url)
+    if "postgresql" not in cfg["ENGINE"]:
+        return
+    try:
+        with psycopg.connect(host=cfg["HOST"] or "127.0.0.1", port=cfg["PORT"] or 5432, user=cfg["USER"] or None,
+                             password=cfg["PASSWORD"] or None, dbname="postgres", autocommit=True, connect_timeout=5) as conn:
+            if not conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", [cfg["NAME"]]).fetchone():
+                conn.execute(f'CREATE DATABASE "{cfg["NAME"]}"')
+    except psycopg.Error as exc:
+        raise CommandError(f"cannot reach or create {cfg['NAME']} on {cfg['HOST']}: {exc}".splitlines()[0]) from exc
+
+
 class Command(BaseCommand):
     help = (
         "Replay the incident: start the fault-injecting model server and N real qcluster processes, "
@@ -126,6 +143,7 @@ class Command(BaseCommand):
                      "client_timeout", "error_rate", "rate_429", "latency_ms"):
             argv += [f"--{name.replace('_', '-')}", str(opts[name])]
         argv += [f"--{flag.replace('_', '-')}" for flag in ("json", "naive", "naive_only", "no_kills") if opts[flag]]
+        _ensure_database(database_url)
         env = {**os.environ, "DATABASE_URL": database_url}
         result = subprocess.run([sys.executable, "manage.py", *argv], cwd=BASE_DIR, env=env, check=False)
         if result.returncode:
