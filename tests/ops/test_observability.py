@@ -7,6 +7,7 @@ import logging
 import os
 import socket
 import subprocess
+import time
 import sys
 from datetime import timedelta
 from pathlib import Path
@@ -309,3 +310,53 @@ def test_log_format_json_setting_makes_every_project_log_line_json_when_set():
     assert (line["message"], line["input_id"], line["step"], line["attempt"], line["key"], line["level"]) == (
         "late answer fenced", "abc", "llm", 3, "abc:llm", "WARNING",
     )
+
+
+# --- /healthz with a real cluster (ORM broker: heartbeats through the shared stats cache) ---------
+
+
+@pytest.mark.cluster
+@pytest.mark.slow
+@pytest.mark.django_db(transaction=True)
+def test_healthz_is_200_while_a_real_cluster_beats_and_503_after_it_is_killed(client, monkeypatch, settings):
+    from django.db import connection
+    from django_q.conf import Conf
+
+    from pipeline_ops.chaos.brokers import queue_name_for, use_broker
+    from pipeline_ops.chaos.cluster import QCluster, base_env, database_url_for
+
+    queue = queue_name_for(settings.TEST_DB_TAG, "health")
+    monkeypatch.setattr(Conf, "Q_STAT", f"django_q:{queue}:cluster")
+    settings.Q_CLUSTER = {**settings.Q_CLUSTER, "name": queue}
+    cluster = QCluster(
+        env=base_env(
+            DJANGO_SETTINGS_MODULE="tests.settings", DATABASE_URL=database_url_for(connection.settings_dict),
+            SECRET_KEY=settings.SECRET_KEY, PIPELINE_OPS_BROKER="orm", PIPELINE_OPS_QUEUE=queue, Q_WORKERS=1,
+            Q_LOG_LEVEL="ERROR", LOG_LEVEL="ERROR",
+        ),
+        name="health", log_path=Path(settings.VAR_DIR) / "test-logs" / f"ops-health-{settings.TEST_DB_TAG}.log",
+    )
+    try:
+        with use_broker(kind="orm", queue=queue):
+            cluster.start(wait=True, timeout=60)
+            deadline = time.monotonic() + 15
+            while True:  # the first heartbeat follows the first guard cycle
+                alive = client.get("/healthz")
+                if alive.status_code == 200 or time.monotonic() > deadline:
+                    break
+                time.sleep(0.3)
+            cluster.kill()
+            time.sleep(3.5)  # a heartbeat expires 3 s after the last one
+            dead = client.get("/healthz")
+    finally:
+        cluster.kill()
+
+    assert alive.status_code == 200, alive.content
+    checks = alive.json()["checks"]
+    assert checks["cluster"]["clusters"] == 1 and checks["cluster"]["workers"] == 1
+    assert 0 <= checks["cluster"]["last_heartbeat_age_seconds"] <= 3.5
+    assert checks["broker"] | {"seconds": 0, "ready": 0} == {
+        "ok": True, "required": True, "seconds": 0, "broker": "orm", "database": "default", "queue": queue, "ready": 0,
+    }
+    assert dead.status_code == 503
+    assert "no cluster heartbeat" in dead.json()["checks"]["cluster"]["error"]
