@@ -218,7 +218,7 @@ def _step_run_complete(*, step_run: StepRun, step: Step, attempt: Attempt, outpu
         if not done:
             if not _holds_key(attempt):
                 # Cancelled or force-retried: the key was taken away, so the guard's own
-                # conditional UPDATE below refuses this completion and marks the attempt FENCED.
+                # conditional UPDATE refuses this completion and marks the attempt FENCED.
                 return
             raise StepNoLongerRunningError(f"step run {step_run.pk} left RUNNING while attempt #{attempt.number} held its key")
         queued = step_run_queue_next(step_run=step_run, now=now)
@@ -238,8 +238,10 @@ def _step_run_complete(*, step_run: StepRun, step: Step, attempt: Attempt, outpu
 
 
 def _holds_key(attempt: Attempt) -> bool:
+    """Whether ``attempt`` still owns its key inside the completing transaction: PROCESSING under
+    its number, or already COMPLETED under it (when the guard's conditional UPDATE ran first)."""
     return IdempotencyRecord.objects.filter(
-        pk=attempt.record_id, status=RecordStatus.PROCESSING, attempt_count=attempt.number
+        pk=attempt.record_id, status__in=[RecordStatus.PROCESSING, RecordStatus.COMPLETED], attempt_count=attempt.number
     ).exists()
 
 
