@@ -257,6 +257,17 @@ def test_dashboard_shows_the_same_numbers_as_the_database_when_rows_exist():
     assert dashboard_get().duplicates_prevented == int(metric("duplicates_prevented"))
 
 
+def test_list_count_is_capped_and_says_so_when_the_table_is_larger_than_the_cap(monkeypatch):
+    from idempotency.admin import CappedCountPaginator
+
+    monkeypatch.setattr(CappedCountPaginator, "COUNT_CAP", 5)
+    for _ in range(7):
+        submit()
+    page = login(operator("viewer")).get(changelist("pipeline_ops_pipelineinput")).content.decode()
+    assert "more than 5 pipeline inputs" in page
+    assert page.count('class="field-short_id"') == 7  # the rows themselves are all there
+
+
 def test_input_search_finds_nothing_and_does_not_fail_when_the_term_is_not_an_id():
     client = login(operator("viewer"))
     response = client.get(changelist("pipeline_ops_pipelineinput") + f"?q={uuid.uuid4()}")
