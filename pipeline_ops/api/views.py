@@ -85,6 +85,18 @@ PREFER_PARAMETER = OpenApiParameter(
 )
 
 
+RESPONSE_HEADERS = [
+    OpenApiParameter(name="Location", location=OpenApiParameter.HEADER, type=OpenApiTypes.URI, response=[200, 201],
+                     description="URL of the input (GET it to follow the input's fate)."),
+    OpenApiParameter(name="Idempotent-Replayed", location=OpenApiParameter.HEADER, type=OpenApiTypes.STR, response=[200, 201],
+                     enum=["true"], description="`true` when this is the stored response of an earlier request with the same key."),
+    OpenApiParameter(name="Preference-Applied", location=OpenApiParameter.HEADER, type=OpenApiTypes.STR, response=[200, 201],
+                     description="`wait=N` when the server honoured `Prefer: wait=N` and waited for the first request."),
+    OpenApiParameter(name="Retry-After", location=OpenApiParameter.HEADER, type=OpenApiTypes.INT, response=[409, 429],
+                     description="Seconds to wait before retrying (the first request's lease, or the throttle window)."),
+]
+
+
 class InputListCreateApi(IdempotencyMixin, ApiView, GenericAPIView):
     """Submit inputs (idempotently) and list the inputs you may see."""
 
@@ -115,7 +127,7 @@ class InputListCreateApi(IdempotencyMixin, ApiView, GenericAPIView):
     @extend_schema(
         operation_id="inputs_create",
         request=InputSubmitSerializer,
-        parameters=[IDEMPOTENCY_KEY_PARAMETER, PREFER_PARAMETER],
+        parameters=[IDEMPOTENCY_KEY_PARAMETER, PREFER_PARAMETER, *RESPONSE_HEADERS],
         responses={
             201: OpenApiResponse(InputSerializer, description="Created (or, with `Idempotent-Replayed: true`, the first response replayed). `Location` names the input."),
             200: OpenApiResponse(InputSerializer, description="The key's record expired but its input exists: that input (same pipeline and payload)."),
