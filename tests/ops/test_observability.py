@@ -159,26 +159,21 @@ def test_api_conflict_is_counted_when_a_real_request_gets_one(client, django_use
     assert after[key] - before.get(key, 0) == 1
 
 
-def test_metrics_add_up_worker_files_when_prometheus_multiproc_dir_is_set(tmp_path):
-    """Two processes count into one directory; a third scrapes the sum (gunicorn's shape)."""
+def test_metrics_add_up_worker_files_when_prometheus_multiproc_dir_is_set(tmp_path, monkeypatch):
+    """Two worker processes count into one directory; the scrape adds them up (gunicorn's shape)."""
     env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path), "DJANGO_SETTINGS_MODULE": "tests.settings"}
     count = (
-        "import django; django.setup();"
         "from pipeline_ops.observability.metrics import HTTP_RESPONSES;"
         "HTTP_RESPONSES.labels(status='409', code='idempotency_key_in_progress').inc({n})"
     )
-    for n in (2, 3):
-        subprocess.run([sys.executable, "-c", count.format(n=n)], cwd=ROOT, env=env, check=True, timeout=60)
-    scrape_code = (
-        "import django; django.setup();"
-        "from prometheus_client import CollectorRegistry, generate_latest, multiprocess;"
-        "from pipeline_ops.observability.metrics import multiprocess_dir;"
-        "r = CollectorRegistry(); multiprocess.MultiProcessCollector(r); assert multiprocess_dir();"
-        "print(generate_latest(r).decode())"
-    )
-    out = subprocess.run([sys.executable, "-c", scrape_code], cwd=ROOT, env=env, check=True, timeout=60,
-                         capture_output=True, text=True).stdout
+    workers = [subprocess.Popen([sys.executable, "-c", count.format(n=n)], cwd=ROOT, env=env) for n in (2, 3)]
+    assert [worker.wait(timeout=60) for worker in workers] == [0, 0]
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
+
+    out = metrics_module.metrics_exposition().decode()
+
     assert 'pipeline_ops_http_responses_total{code="idempotency_key_in_progress",status="409"} 5.0' in out
+    assert "pipeline_ops_attempts" in out  # the database families follow the summed counters
 
 
 # --- /healthz -----------------------------------------------------------------------------------
