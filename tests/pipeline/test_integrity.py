@@ -20,7 +20,8 @@ from pipeline_ops.services.inputs import input_submit
 
 from .conftest import drain
 
-pytestmark = pytest.mark.django_db(transaction=True)
+# Single-threaded: the test's transaction is enough (and much cheaper than a flush).
+pytestmark = pytest.mark.django_db
 
 HOUR_LATER = timedelta(hours=1)
 

@@ -16,7 +16,8 @@ from pipeline_ops.states import InputStatus, StepStatus
 
 from .conftest import drain
 
-pytestmark = pytest.mark.django_db(transaction=True)
+# Single-threaded: the test's transaction is enough (and much cheaper than a flush).
+pytestmark = pytest.mark.django_db
 
 TEXT = "Our order arrived two weeks late and the box was crushed. Support never answered. Terrible experience."
 

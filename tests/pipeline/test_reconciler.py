@@ -20,7 +20,8 @@ from pipeline_ops.steps import TransientStepError
 
 from .conftest import drain, queued_ids
 
-pytestmark = pytest.mark.django_db(transaction=True)
+# Single-threaded: the test's transaction is enough (and much cheaper than a flush).
+pytestmark = pytest.mark.django_db
 
 
 class WorkerKilled(BaseException):

@@ -20,7 +20,9 @@ from pipeline_ops.tasks import step_run_execute_task
 
 from .conftest import StepThread, drain, queue_rows, queued_ids, wait_for
 
-pytestmark = pytest.mark.django_db(transaction=True)
+pytestmark = pytest.mark.django_db
+# Tests with a second thread (a second worker, a heartbeat) need committed rows it can see.
+threaded = pytest.mark.django_db(transaction=True)
 
 TEXT = "The service was wonderful and the staff were kind. The food was cold, sadly. We will come back for the view."
 
@@ -160,6 +162,7 @@ def test_step_fails_when_max_attempts_are_exhausted(test_steps, pipeline):
     assert run.idempotency_record.status == RecordStatus.FAILED and run.idempotency_record.retry_at is None
 
 
+@threaded
 def test_late_completion_is_fenced_when_lease_was_taken_over(test_steps, pipeline):
     release_first = threading.Event()
 
@@ -196,6 +199,7 @@ def test_late_completion_is_fenced_when_lease_was_taken_over(test_steps, pipelin
     assert integrity_check().ok
 
 
+@threaded
 def test_running_step_is_fenced_when_input_is_cancelled(test_steps, pipeline):
     release = threading.Event()
 
@@ -234,6 +238,7 @@ def test_queued_step_never_runs_when_input_is_cancelled_before_it_starts():
     assert not IdempotencyRecord.objects.filter(scope="step").exists()
 
 
+@threaded
 def test_heartbeat_keeps_lease_when_step_outlives_a_third_of_it(test_steps, pipeline):
     def patient(ctx):
         # Work until the runner's heartbeat has extended the lease at least once.
@@ -248,6 +253,7 @@ def test_heartbeat_keeps_lease_when_step_outlives_a_third_of_it(test_steps, pipe
     assert attempts_of(run)[0].heartbeat_at is not None
 
 
+@threaded
 def test_fenced_step_stops_when_heartbeat_is_refused(test_steps, pipeline):
     def cooperative(ctx):
         if ctx.attempt_number == 1:
@@ -272,6 +278,7 @@ def test_fenced_step_stops_when_heartbeat_is_refused(test_steps, pipeline):
     assert StepOutput.objects.get(step_run=run).output == {"attempt": 2}
 
 
+@threaded
 def test_step_runs_once_when_many_workers_get_the_same_task_at_once():
     pipeline_input = submit()
     first, second, _ = steps_of(pipeline_input)
