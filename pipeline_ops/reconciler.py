@@ -6,7 +6,8 @@ Three kinds, each bounded per pass:
   so a failed attempt's retry waits here);
 * **expired leases**: RUNNING/QUEUED steps whose record is PROCESSING with a lease that ran out
   (the worker died or stalled; the next claim supersedes it), or RUNNING steps whose record
-  already waits for a due retry (a crash between the guard's ``fail`` and the step's move);
+  already FAILED, with a due retry or for good (a crash between the guard's ``fail`` and the
+  step's move);
 * **lost messages**: QUEUED for longer than a grace period with no task on the broker (ORM
   broker: no ``OrmQ`` row names it; Redis: no way to look, so age alone).
 
@@ -135,7 +136,10 @@ def reconcile_once(
     expired = live.filter(settled).filter(
         Q(status__in=[StepStatus.RUNNING, StepStatus.QUEUED],
           idempotency_record__status=RecordStatus.PROCESSING, idempotency_record__lease_expires_at__lt=now)
-        | Q(status=StepStatus.RUNNING, idempotency_record__status=RecordStatus.FAILED, idempotency_record__retry_at__lte=now)
+        # A crash between the guard's fail() and the step's own move leaves it RUNNING on a
+        # FAILED record: a new task either retries it (retry due) or marks it FAILED (terminal).
+        | Q(status=StepStatus.RUNNING, idempotency_record__status=RecordStatus.FAILED)
+        & (Q(idempotency_record__retry_at__lte=now) | Q(idempotency_record__retry_at__isnull=True))
     )
     for row in expired.order_by("enqueued_at").values(*fields)[:limit]:
         _take(report, report.expired_leases, row, now=now, dry_run=dry_run)

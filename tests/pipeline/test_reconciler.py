@@ -131,3 +131,30 @@ def test_schedule_install_is_idempotent_when_run_twice():
     assert reconcile_schedule_install() is False
     (schedule,) = Schedule.objects.filter(name=SCHEDULE_NAME)
     assert schedule.func == SCHEDULE_FUNC and schedule.schedule_type == Schedule.MINUTES and schedule.minutes == 1
+
+
+def test_step_left_running_on_a_failed_record_is_settled_when_worker_died_after_fail(test_steps, pipeline):
+    from idempotency import guard
+    from idempotency.policy import NO_RETRY
+
+    def fine(ctx):
+        return {}
+
+    test_steps("fine", fine)
+    pipeline_input = submit(pipeline("crash_pipe", ["fine"]))
+    run = StepRun.objects.get(input=pipeline_input)
+    OrmQ.objects.all().delete()
+    # What a worker had done when it died: claimed, moved the step to RUNNING, failed the key for good.
+    from pipeline_ops.services.steps import step_fingerprint
+
+    claimed = guard.claim(scope="step", key=run.idempotency_key, operation="step:fine",
+                          fingerprint=step_fingerprint(pipeline="crash_pipe", step="fine", payload=pipeline_input.payload, outputs={}))
+    StepRun.objects.filter(pk=run.pk).update(status=StepStatus.RUNNING, idempotency_record=claimed.record)
+    guard.fail(attempt=claimed.attempt, error=RuntimeError("boom"), policy=NO_RETRY)
+
+    later = timezone.now() + timedelta(seconds=61)
+    assert reconcile_once(now=later).expired_leases == [run.pk]
+    assert drain() == [(run.pk, Outcome.FAILED)]
+    run.refresh_from_db()
+    pipeline_input.refresh_from_db()
+    assert run.status == StepStatus.FAILED and pipeline_input.status == "FAILED"
