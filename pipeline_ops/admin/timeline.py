@@ -4,11 +4,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from datetime import datetime
 
+from django.db.models import Q
 from django.utils import timezone
 
 from idempotency.models import Attempt, IdempotencyRecord
 
-from ..models import PipelineInput, StepOutput, StepRun
+from ..models import OperatorAction, PipelineInput, StepOutput, StepRun
 from ..services.operations import step_run_records
 
 STATUS_COLOURS = {
@@ -74,7 +75,8 @@ def _details(details: dict) -> list[tuple[str, str]]:
 
 
 def input_timeline(*, pipeline_input: PipelineInput, now: datetime | None = None) -> dict:
-    """Steps with their records, outputs and every attempt (four queries), plus SVG bars."""
+    """Steps with their records, outputs, every attempt and the operator actions on them (five
+    queries), plus SVG bars."""
     now = now or timezone.now()
     steps = list(StepRun.objects.filter(input=pipeline_input).select_related("input").order_by("position"))
     records = step_run_records(step_runs=steps)
@@ -116,7 +118,15 @@ def input_timeline(*, pipeline_input: PipelineInput, now: datetime | None = None
                     label=f"#{a.attempt.number}" if width >= 22 else "",  # no label where it would not fit
                 )
             )
+    # The operators' hands on this input: its own actions and those on its steps (one query).
+    actions = list(
+        OperatorAction.objects.filter(
+            Q(target_type="input", target_id=str(pipeline_input.pk))
+            | Q(target_type="step_run", target_id__in=[str(s.pk) for s in steps])
+        ).order_by("-created_at")[:50]
+    )
     return {
+        "actions": actions,
         "rows": rows,
         "bars": bars,
         "chart": {

@@ -168,3 +168,49 @@ def page_time(page):
     from django.utils import timezone
 
     return timezone.make_aware(datetime.strptime(text, "%Y-%m-%d %H:%M:%S"), timezone.get_current_timezone()).replace(microsecond=999999)
+
+
+def test_forced_retry_fences_the_stalled_attempt_and_the_timeline_shows_it(page, live_server):
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    from idempotency import guard
+    from pipeline_ops.models import StepOutput
+    from tests.admin.helpers import claim_step, first_step, submit
+
+    pipeline_input = submit()
+    step_run = first_step(pipeline_input)
+    stalled = claim_step(step_run, worker="gpu-7:4242", lease_seconds=600, now=timezone.now() - timedelta(seconds=8))
+    senior = operator("senior", "retry_steprun", "force_retry_steprun")
+
+    log_in(page, live_server, senior)
+    page.goto(f"{live_server.url}/admin/pipeline_ops/steprun/?status__exact=RUNNING")
+    page.check(f"input[name=_selected_action][value='{step_run.pk}']")
+    page.select_option("select[name=action]", "force_retry_steps")
+    page.click("button[name=index]")
+    page.wait_for_selector("#operator-action")
+    assert "running on worker gpu-7:4242 until" in page.inner_text("table.plan-acting")
+    page.fill("#id_reason", "gpu-7 stalled on the provider call (INC-232)")
+    page.click("#confirm-action")
+    page.wait_for_selector("ul.messagelist")
+    assert page.inner_text("ul.messagelist").strip() == "1 queued"
+
+    run_worker(pipeline_input)
+    # The stalled worker wakes up and tries to store its result: refused, recorded, no duplicate.
+    late = guard.complete(
+        attempt=stalled, result={"late": True},
+        write=lambda: StepOutput.objects.create(step_run=step_run, input=pipeline_input, step=step_run.step, attempt=stalled, output={"late": True}),
+    )
+    assert late.fenced
+    assert StepOutput.objects.filter(input=pipeline_input, step=step_run.step).count() == 1
+
+    page.goto(f"{live_server.url}/admin/pipeline_ops/pipelineinput/{pipeline_input.pk}/change/")
+    preprocess = page.inner_text("#step-preprocess")
+    assert "Fenced (late write refused)" in preprocess and "gpu-7:4242" in preprocess and "Succeeded" in preprocess
+    actions = page.inner_text("#operator-actions-table")
+    assert "senior" in actions and "Forced retry" in actions and "gpu-7 stalled on the provider call (INC-232)" in actions
+    shot(page, "input-timeline-fenced.png")
+    page.goto(f"{live_server.url}/admin/pipeline_ops/fencedattempt/")
+    assert page.locator("#result_list tbody tr").count() == 1
+    shot(page, "fenced-attempts.png")
