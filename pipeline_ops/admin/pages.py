@@ -22,7 +22,6 @@ from django.utils.text import Truncator
 
 from idempotency.admin import AttemptAdmin as BaseAttemptAdmin
 from idempotency.admin import CappedCountPaginator
-from idempotency.models import Attempt
 
 from ..models import FailedAttempt, FencedAttempt, OperatorAction, PipelineInput, StepRun, StepOutput, StuckAttempt, UnknownOutcomeAttempt
 from ..selectors.steps import step_run_key_parse, step_runs_for_records
@@ -464,6 +463,3 @@ class OperatorActionAdmin(ReadOnlyMixin, admin.ModelAdmin):
     def short_reason(self, obj):
         return _short(obj.reason, 60)
 
-
-# The generic attempt page stays registered by the idempotency app; it lists every attempt.
-__all__ = ["Attempt"]

@@ -29,11 +29,12 @@ from typing import Any
 
 from django.conf import settings
 from django.db import transaction
+from django.db.models import Q, QuerySet
 from django.utils import timezone
 
 from idempotency import guard
 from idempotency.models import Attempt, IdempotencyRecord
-from idempotency.states import AttemptStatus, RecordStatus
+from idempotency.states import RecordStatus
 
 from ..models import OperatorAction, PipelineInput, StepRun
 from ..queueing import step_run_enqueue
@@ -145,6 +146,10 @@ class ActionReport:
 
 
 def _pks(objects: Iterable) -> list:
+    """Ids of instances, ids or a queryset (a queryset's ids in one narrow query, without its
+    annotations or related rows)."""
+    if isinstance(objects, QuerySet):
+        return list(objects.values_list("pk", flat=True))
     return [getattr(obj, "pk", obj) for obj in objects]
 
 
@@ -170,8 +175,6 @@ def step_run_records(*, step_runs: list[StepRun], for_update: bool = False) -> d
             missing[step_run.idempotency_key] = step_run.pk
     if not linked_ids and not missing:
         return by_step
-    from django.db.models import Q
-
     query = IdempotencyRecord.objects.filter(Q(pk__in=list(linked_ids)) | Q(scope=STEP_SCOPE, key__in=list(missing)))
     if for_update:
         query = query.select_for_update()

@@ -272,3 +272,21 @@ def test_input_search_finds_nothing_and_does_not_fail_when_the_term_is_not_an_id
     client = login(operator("viewer"))
     response = client.get(changelist("pipeline_ops_pipelineinput") + f"?q={uuid.uuid4()}")
     assert response.status_code == 200 and "0 pipeline inputs" in response.content.decode()
+
+
+def test_timeline_buttons_lead_to_the_confirmation_page_when_permitted():
+    alice = operator("alice", "retry_steprun", "cancel_pipelineinput")
+    pipeline_input, step_run, _ = failed_input()
+    client = login(alice)
+    page = client.get(reverse("admin:pipeline_ops_pipelineinput_change", args=[pipeline_input.pk])).content.decode()
+    assert 'id="timeline-retry"' in page and 'id="timeline-cancel"' in page
+
+    # What the button posts: the input as the selection, the action's name, no "index".
+    confirm = client.post(changelist("pipeline_ops_pipelineinput"), {"action": "retry_inputs", "_selected_action": [pipeline_input.pk]})
+
+    assert confirm.status_code == 200
+    assert "Will happen: 1" in confirm.content.decode()
+    step_run.refresh_from_db()
+    assert step_run.status == StepStatus.FAILED  # nothing happens before the reason is given
+    assert 'id="timeline-retry"' not in login(operator("viewer")).get(
+        reverse("admin:pipeline_ops_pipelineinput_change", args=[pipeline_input.pk])).content.decode()
