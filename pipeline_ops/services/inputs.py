@@ -107,6 +107,10 @@ def input_roll_up(*, input_id, now=None) -> str | None:
     return target if updated else None
 
 
+class _NotCancellable(Exception):
+    """The input left PENDING/RUNNING/FAILED while we were cancelling it: roll everything back."""
+
+
 def input_cancel(*, pipeline_input: PipelineInput, reason: str = "input cancelled", now=None) -> int:
     """Cancel the input: it becomes CANCELLED, its unfinished steps CANCELLED, and the key of a
     running step is released so that attempt's late completion is fenced. Returns the number of
@@ -114,7 +118,9 @@ def input_cancel(*, pipeline_input: PipelineInput, reason: str = "input cancelle
 
     Runs in one transaction. The records are found by key, not through ``StepRun
     .idempotency_record``: an attempt that claimed but has not linked its record yet is fenced
-    too, and one that claims after this commit finds its step CANCELLED and ends itself.
+    too, and one that claims after this commit finds its step CANCELLED and ends itself. Rows are
+    locked in the completion's order (records, then steps, then the input), so a cancel racing a
+    completing step waits for it instead of deadlocking with it on PostgreSQL.
     Raises nothing for an input that cannot be cancelled; the return value says so.
     """
     from idempotency import guard
@@ -122,20 +128,25 @@ def input_cancel(*, pipeline_input: PipelineInput, reason: str = "input cancelle
     from idempotency.states import RecordStatus
 
     now = now or timezone.now()
-    with transaction.atomic():
-        updated = PipelineInput.objects.filter(pk=pipeline_input.pk, status__in=_ROLL_UP_FROM).update(
-            status=InputStatus.CANCELLED, finished_at=now, updated_at=now
-        )
-        if not updated:
-            return 0
-        open_steps = list(
-            StepRun.objects.filter(input_id=pipeline_input.pk, status__in=step_sources(StepStatus.CANCELLED)).values_list("pk", "step")
-        )
-        cancelled = StepRun.objects.filter(
-            pk__in=[pk for pk, _ in open_steps], status__in=step_sources(StepStatus.CANCELLED)
-        ).update(status=StepStatus.CANCELLED, finished_at=now, next_attempt_at=None, updated_at=now)
-        keys = [f"{pipeline_input.pk}:{step}" for _, step in open_steps]
-        for record in IdempotencyRecord.objects.filter(scope=STEP_SCOPE, key__in=keys, status=RecordStatus.PROCESSING):
-            guard.release(record=record, reason=reason, now=now)
+    if not PipelineInput.objects.filter(pk=pipeline_input.pk, status__in=_ROLL_UP_FROM).exists():
+        return 0
+    try:
+        with transaction.atomic():
+            open_steps = list(
+                StepRun.objects.filter(input_id=pipeline_input.pk, status__in=step_sources(StepStatus.CANCELLED))
+                .values_list("pk", "step")
+            )
+            keys = [f"{pipeline_input.pk}:{step}" for _, step in open_steps]
+            for record in IdempotencyRecord.objects.filter(scope=STEP_SCOPE, key__in=keys, status=RecordStatus.PROCESSING).order_by("pk"):
+                guard.release(record=record, reason=reason, now=now)
+            cancelled = StepRun.objects.filter(
+                pk__in=[pk for pk, _ in open_steps], status__in=step_sources(StepStatus.CANCELLED)
+            ).update(status=StepStatus.CANCELLED, finished_at=now, next_attempt_at=None, updated_at=now)
+            if not PipelineInput.objects.filter(pk=pipeline_input.pk, status__in=_ROLL_UP_FROM).update(
+                status=InputStatus.CANCELLED, finished_at=now, updated_at=now
+            ):
+                raise _NotCancellable
+    except _NotCancellable:
+        return 0
     pipeline_input.status, pipeline_input.finished_at = InputStatus.CANCELLED, now
     return cancelled

@@ -139,7 +139,7 @@ def step_run_execute(*, step_run_id: int, now: datetime | None = None) -> StepEx
 
     outputs = dict(
         StepOutput.objects.filter(input_id=step_run.input_id, step_run__position__lt=step_run.position).values_list("step", "output")
-    )
+    ) if step_run.position else {}
     claim = guard.claim(
         scope=STEP_SCOPE,
         key=step_run.idempotency_key,
