@@ -29,6 +29,8 @@ import contextvars
 import functools
 import json
 import logging
+import os
+import socket
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -37,6 +39,9 @@ from typing import Any, ParamSpec, TypeVar
 
 P = ParamSpec("P")
 R = TypeVar("R")
+
+# The deployment's name for this host (systemd: Environment=PIPELINE_OPS_HOST=%i), else the hostname.
+_HOST = os.environ.get("PIPELINE_OPS_HOST") or socket.gethostname()
 
 # The fields operators search logs by; always present in JSON lines (null when unknown).
 CONTEXT_FIELDS = ("input_id", "step", "attempt", "key")
@@ -122,7 +127,7 @@ class LogContextFilter(logging.Filter):
 
 class JsonFormatter(logging.Formatter):
     """One JSON object per line: time (UTC, ISO 8601), level, logger, message, the context fields,
-    any ``extra=`` fields, process id, and the traceback when there is one."""
+    any ``extra=`` fields, host name and process id, and the traceback when there is one."""
 
     def format(self, record: logging.LogRecord) -> str:
         context = _context.get()
@@ -137,6 +142,7 @@ class JsonFormatter(logging.Formatter):
         for name, value in record.__dict__.items():
             if name not in _RECORD_ATTRIBUTES and name not in line:
                 line[name] = _clean(value) if not isinstance(value, (dict, list)) else value
+        line["host"] = _HOST
         line["pid"] = record.process
         if record.exc_info:
             line["exc_type"] = record.exc_info[0].__name__ if record.exc_info[0] else None

@@ -263,8 +263,8 @@ def test_json_log_line_carries_input_step_attempt_and_key_when_inside_a_context(
     logger.error("no context")
 
     first, second, third = (json.loads(line) for line in stream.getvalue().splitlines())
-    assert first | {"ts": "", "pid": 0} == {
-        "ts": "", "pid": 0, "level": "INFO", "logger": "tests.ops.json1", "message": "model answered in 41 ms",
+    assert first | {"ts": "", "pid": 0, "host": ""} == {
+        "ts": "", "pid": 0, "host": "", "level": "INFO", "logger": "tests.ops.json1", "message": "model answered in 41 ms",
         "input_id": "7c0e", "step": "sentiment", "attempt": 2, "key": "7c0e:sentiment", "tokens": 12,
     }
     assert second["attempt"] is None and second["step"] == "sentiment"
@@ -298,12 +298,12 @@ def test_log_format_json_setting_makes_every_project_log_line_json_when_set():
         "ctx = log_context(input_id='abc', step='llm', attempt=3, key='abc:llm'); ctx.__enter__();"
         "logging.getLogger('pipeline_ops.runner').warning('late answer fenced')"
     )
-    env = {**os.environ, "LOG_FORMAT": "json", "DJANGO_SETTINGS_MODULE": "tests.settings"}
+    env = {**os.environ, "LOG_FORMAT": "json", "DJANGO_SETTINGS_MODULE": "tests.settings", "PIPELINE_OPS_HOST": "host-a"}
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     line = json.loads(result.stderr.strip().splitlines()[-1])
-    assert (line["message"], line["input_id"], line["step"], line["attempt"], line["key"], line["level"]) == (
-        "late answer fenced", "abc", "llm", 3, "abc:llm", "WARNING",
+    assert (line["message"], line["input_id"], line["step"], line["attempt"], line["key"], line["level"], line["host"]) == (
+        "late answer fenced", "abc", "llm", 3, "abc:llm", "WARNING", "host-a",
     )
 
 

@@ -45,7 +45,7 @@ def _env(*, queue: str, model_url: str, host: str) -> dict[str, str]:
         PIPELINE_OPS_BROKER="redis",
         REDIS_URL=settings.REDIS_URL,
         PIPELINE_OPS_QUEUE=queue,
-        PIPELINE_OPS_HOST=host,  # read by nothing but `ps` and the logs: the deployment's name for it
+        PIPELINE_OPS_HOST=host,  # the deployment's name for the host, in every JSON log line
         Q_WORKERS=2,
         Q_POLL="0.1",
         Q_LOG_LEVEL="ERROR",

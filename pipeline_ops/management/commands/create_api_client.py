@@ -23,8 +23,9 @@ class Command(BaseCommand):
             "--operator", action="store_true",
             help="Also grant the operators' permissions: retry and cancel inputs, see every client's inputs.",
         )
+        parser.add_argument("--json", action="store_true", help='Print {"name", "user_id", "token", "operator"} as one JSON object on stdout.')
 
-    def handle(self, *args, name: str, operator: bool, **options):
+    def handle(self, *args, name: str, operator: bool, json: bool = False, **options):
         name = name.strip()
         if not name:
             raise CommandError("The client name must not be empty.")
@@ -42,5 +43,10 @@ class Command(BaseCommand):
             raise CommandError(f"An API client (user) named {name!r} already exists.") from None
         except ValidationError as exc:  # a name Django's username validator refuses
             raise CommandError(f"Invalid client name {name!r}: {' '.join(exc.messages)}") from None
-        self.stdout.write(token.key)
+        if json:
+            import json as json_module
+
+            self.stdout.write(json_module.dumps({"name": name, "user_id": user.pk, "token": token.key, "operator": operator}))
+        else:
+            self.stdout.write(token.key)
         self.stderr.write(f"Created API client {name!r}{' (operator)' if operator else ''}. The token above is shown only once.")
