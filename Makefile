@@ -39,6 +39,7 @@ bench: setup
 	$(PY) bench/guard.py
 	$(PY) bench/pipeline_throughput.py
 	$(PY) bench/api.py
+	$(PY) bench/submit.py --database-url $(TEST_DATABASE_URL)
 
 ## chaos: the incident replayed on real workers (PostgreSQL, 2 clusters), guarded vs the naive control group
 CHAOS_DATABASE_URL ?= postgres://postgres@127.0.0.1:5432/pipeline_ops_chaos
