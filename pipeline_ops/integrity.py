@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta
 
 from django.conf import settings
+from django.db import connection, transaction
 from django.db.models import Count, Q
 from django.utils import timezone
 
@@ -79,7 +80,22 @@ class IntegrityReport:
 
 
 def integrity_check(*, now: datetime | None = None, grace_seconds: float | None = None, limit: int = 100) -> IntegrityReport:
-    """Run every check; returns the report (never raises for a violation, only on DB errors)."""
+    """Run every check; returns the report (never raises for a violation, only on DB errors).
+
+    On PostgreSQL, called outside a transaction, the checks share one READ ONLY, REPEATABLE READ
+    snapshot: the database itself refuses any write, and a pipeline moving on during the checks
+    cannot make two of them disagree. (On SQLite a transaction would take the write lock, given
+    IMMEDIATE mode, so the checks read in autocommit there.)
+    """
+    if connection.vendor == "postgresql" and not connection.in_atomic_block:
+        with transaction.atomic():
+            with connection.cursor() as cursor:
+                cursor.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
+            return _integrity_check(now=now, grace_seconds=grace_seconds, limit=limit)
+    return _integrity_check(now=now, grace_seconds=grace_seconds, limit=limit)
+
+
+def _integrity_check(*, now: datetime | None, grace_seconds: float | None, limit: int) -> IntegrityReport:
     now = now or timezone.now()
     grace_seconds = settings.INTEGRITY_GRACE_SECONDS if grace_seconds is None else grace_seconds
     cutoff = now - timedelta(seconds=grace_seconds)

@@ -110,3 +110,27 @@ def test_verify_integrity_fails_when_record_is_processing_long_past_its_lease(te
 def test_verify_integrity_refuses_bad_arguments():
     with pytest.raises(CommandError, match="--limit"):
         call_command("verify_integrity", "--limit", "0")
+
+
+@pytest.mark.postgres
+@pytest.mark.django_db(transaction=True)
+def test_verify_integrity_reads_in_a_read_only_snapshot_when_on_postgresql(monkeypatch):
+    from django.db import connection
+
+    from pipeline_ops import integrity
+
+    finished_input()
+    seen = {}
+    original = integrity._stuck_inputs
+
+    def look_then_check(report, **kwargs):
+        with connection.cursor() as cursor:
+            cursor.execute("SHOW transaction_read_only")
+            seen["read_only"] = cursor.fetchone()[0]
+            cursor.execute("SHOW transaction_isolation")
+            seen["isolation"] = cursor.fetchone()[0]
+        return original(report, **kwargs)
+
+    monkeypatch.setattr(integrity, "_stuck_inputs", look_then_check)
+    assert integrity_check().ok
+    assert seen == {"read_only": "on", "isolation": "repeatable read"}
