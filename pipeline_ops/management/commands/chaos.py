@@ -89,8 +89,15 @@ class Command(BaseCommand):
         # A SIGTERM must unwind through the finally blocks that stop the clusters.
         # Ctrl-C and SIGTERM unwind through the finally blocks that stop every child (SIGINT may
         # arrive ignored when started in the background by a non-interactive shell).
-        signal.signal(signal.SIGINT, signal.default_int_handler)
+        saved = signal.signal(signal.SIGINT, signal.default_int_handler), signal.getsignal(signal.SIGTERM)
         signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+        try:
+            return self._run(opts)
+        finally:  # called in-process (call_command in tests): leave the caller's handlers as they were
+            signal.signal(signal.SIGINT, saved[0])
+            signal.signal(signal.SIGTERM, saved[1])
+
+    def _run(self, opts: dict):
         call_command("migrate", verbosity=0, interactive=False)
         if connection.vendor == "sqlite" and opts["clusters"] > 1 and not opts["json"]:
             self.stderr.write("SQLite has a single writer: running exactly one cluster.")
