@@ -158,3 +158,27 @@ def test_step_left_running_on_a_failed_record_is_settled_when_worker_died_after_
     run.refresh_from_db()
     pipeline_input.refresh_from_db()
     assert run.status == StepStatus.FAILED and pipeline_input.status == "FAILED"
+
+
+def test_poison_step_is_dead_lettered_when_it_kills_every_worker(test_steps, pipeline):
+    def poison(ctx):
+        raise WorkerKilled()
+
+    test_steps("poison", poison, max_attempts=2)
+    pipeline_input = submit(pipeline("poison_pipe", ["poison"]))
+    run = StepRun.objects.get(input=pipeline_input)
+    clock = timezone.now()
+    with pytest.raises(WorkerKilled):
+        drain()
+    clock += timedelta(minutes=5)
+    assert reconcile_once(now=clock).expired_leases == [run.pk]
+    with pytest.raises(WorkerKilled):
+        drain(now=clock)  # attempt 2 takes over attempt 1's expired lease, and dies too
+    clock += timedelta(minutes=5)
+    assert reconcile_once(now=clock).expired_leases == [run.pk]
+
+    assert drain(now=clock) == [(run.pk, Outcome.FAILED)]  # crashes count: no third start
+    run.refresh_from_db()
+    assert run.status == StepStatus.FAILED and run.attempts_used == 2 and "2 attempts started" in run.last_error
+    statuses = list(Attempt.objects.filter(record__key=run.idempotency_key).values_list("status", flat=True))
+    assert statuses == [AttemptStatus.TIMED_OUT, AttemptStatus.TIMED_OUT]
