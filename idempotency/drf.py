@@ -47,6 +47,7 @@ from django.core.exceptions import PermissionDenied as DjangoPermissionDenied
 from django.core.exceptions import RequestDataTooBig
 from django.db import transaction
 from django.http import Http404, HttpResponse
+from django.utils import timezone
 from rest_framework import exceptions as drf_exceptions
 from rest_framework.renderers import JSONRenderer
 from rest_framework.response import Response
@@ -279,14 +280,8 @@ def _wait_for_change(record: IdempotencyRecord, *, deadline: float) -> None:
         row = IdempotencyRecord.objects.filter(pk=record.pk).values("status", "attempt_count").first()
         if row is None or (row["status"], row["attempt_count"]) != seen:
             return
-        if lease_end is not None and lease_end <= _now():
+        if lease_end is not None and lease_end <= timezone.now():
             return
-
-
-def _now():
-    from django.utils import timezone
-
-    return timezone.now()
 
 
 # --- the view API ---------------------------------------------------------------------------
