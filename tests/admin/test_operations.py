@@ -258,3 +258,40 @@ def test_action_is_refused_when_the_reason_is_blank(alice):
     with pytest.raises(ValueError):
         operations.step_runs_retry(step_runs=[step_run], actor=alice, reason="   ", source="admin")
     assert not OperatorAction.objects.exists()
+
+
+@pytest.mark.postgres
+@pytest.mark.django_db(transaction=True)
+def test_one_retry_wins_and_the_other_is_skipped_when_two_operators_click_at_once():
+    """Two operators retry the same failed step at the same instant (real threads, real
+    PostgreSQL connections): the row lock serialises them, the first queues it, the second finds
+    it already queued. One task on the queue, two audit rows."""
+    import threading
+
+    from django.db import connection
+
+    alice = operator("alice", "retry_steprun")
+    bob = operator("bob", "retry_steprun")
+    _, step_run, _ = failed_input()
+    queued_before = OrmQ.objects.count()
+    barrier = threading.Barrier(2)
+    reports = {}
+
+    def click(user):
+        try:
+            barrier.wait()
+            reports[user.username] = operations.step_runs_retry(step_runs=[step_run.pk], actor=user, reason="me too", source="admin")
+        finally:
+            connection.close()
+
+    threads = [threading.Thread(target=click, args=(user,)) for user in (alice, bob)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+
+    assert sorted(r.done for r in reports.values()) == [0, 1]
+    loser = next(r for r in reports.values() if r.done == 0)
+    assert dict(loser.skipped) == {"queued": 1} and loser.message.startswith("0 queued, 1 skipped: already queued at ")
+    assert OrmQ.objects.count() == queued_before + 1
+    assert sorted(OperatorAction.objects.values_list("outcome", flat=True)) == ["done", "skipped"]
