@@ -119,26 +119,36 @@ def test_stuck_leases_and_oldest_age_appear_when_a_lease_expired(client, world):
     assert samples["pipeline_ops_oldest_processing_age_seconds"][()] == pytest.approx(600, abs=30)
 
 
-def test_http_responses_are_counted_by_status_and_code_when_the_api_answers_409_or_422(client):
-    from django.http import JsonResponse
+def test_http_responses_are_counted_by_status_and_code_when_the_api_answers_409_and_422(client, django_user_model):
+    """Real requests through the whole stack: a key held by a first request still in flight
+    (409), and a key reused with another body (422)."""
+    from idempotency import guard
+    from idempotency.drf import request_fingerprint
+    from rest_framework.authtoken.models import Token
 
-    from pipeline_ops.observability.metrics import ResponseMetricsMiddleware
-
-    def answer(status, code):
-        return ResponseMetricsMiddleware(
-            lambda request: JsonResponse({"code": code, "message": "m"}, status=status, content_type="application/problem+json")
-        )(None)
-
+    user = django_user_model.objects.create_user(username="metrics-409-422")
+    auth = {"HTTP_AUTHORIZATION": f"Token {Token.objects.create(user=user).key}"}
+    body = {"pipeline": "default", "payload": {"text": "held"}}
+    # The first request holding "k-409" is still running (it claimed the key and has not finished).
+    guard.claim(scope=f"api:{user.pk}", key="k-409", operation="POST /api/v1/inputs/",
+                fingerprint=request_fingerprint(method="POST", path="/api/v1/inputs/", body=body), lease_seconds=60)
     before = scrape(client).get("pipeline_ops_http_responses_total", {})
-    answer(409, "idempotency_key_in_progress")
-    answer(409, "idempotency_key_in_progress")
-    answer(422, "idempotency_key_reused")
+
+    def post(key, payload):
+        return client.post("/api/v1/inputs/", data=payload, content_type="application/json", HTTP_IDEMPOTENCY_KEY=key, **auth)
+
+    conflicts = [post("k-409", body) for _ in range(2)]
+    created = post("k-422", {"pipeline": "default", "payload": {"text": "first"}})
+    reused = post("k-422", {"pipeline": "default", "payload": {"text": "second"}})
     after = scrape(client)["pipeline_ops_http_responses_total"]
 
-    key_409 = (("code", "idempotency_key_in_progress"), ("status", "409"))
-    key_422 = (("code", "idempotency_key_reused"), ("status", "422"))
+    assert [r.status_code for r in conflicts] == [409, 409] and created.status_code == 201 and reused.status_code == 422
+    key_409 = (("code", conflicts[0].json()["code"]), ("status", "409"))
+    key_422 = (("code", reused.json()["code"]), ("status", "422"))
+    assert key_409[0][1] == "idempotency_key_in_progress" and key_422[0][1] == "idempotency_key_reused"
     assert after[key_409] - before.get(key_409, 0) == 2
     assert after[key_422] - before.get(key_422, 0) == 1
+    assert after[(("code", ""), ("status", "201"))] - before.get((("code", ""), ("status", "201")), 0) == 1
 
 
 def test_api_conflict_is_counted_when_a_real_request_gets_one(client, django_user_model):
