@@ -377,7 +377,8 @@ class StepOutputAdmin(ReadOnlyMixin, admin.ModelAdmin):
 class PipelineAttemptAdmin(StepRunActionsMixin, BaseAttemptAdmin):
     """An attempt page that knows its step: a link to the input, and actions on the step runs."""
 
-    list_display = ("attempt", "input_link", "step", "status", "worker", "started_at", "duration", "error_type", "error", "details_preview")
+    # No status column: each page is one status.
+    list_display = ("attempt", "input_link", "step", "worker", "started_at", "duration", "error_summary", "details_preview")
     list_filter = ("status", AttemptStartedWithinFilter)
     actions = ["retry_steps", "force_retry_steps"]
 
@@ -387,6 +388,10 @@ class PipelineAttemptAdmin(StepRunActionsMixin, BaseAttemptAdmin):
     @admin.display(description="attempt", ordering="number")
     def attempt(self, obj):
         return f"#{obj.number}"
+
+    @admin.display(description="error", ordering="error_type")
+    def error_summary(self, obj):
+        return format_html("<strong>{}</strong> {}", obj.error_type, _short(obj.error_message))
 
     @admin.display(description="input")
     def input_link(self, obj):

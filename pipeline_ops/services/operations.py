@@ -260,7 +260,9 @@ def _audit(*, batch, actor, source, action, reason, decision: Decision, before, 
     )
 
 
-def _require_reason(reason: str) -> str:
+def _require_reason(reason: str, source: str) -> str:
+    if source not in OperatorAction.Source.values:
+        raise ValueError(f"source must be one of {', '.join(OperatorAction.Source.values)}, not {source!r}.")
     reason = (reason or "").strip()
     if not reason:
         raise ValueError("An operator action needs a reason.")
@@ -310,9 +312,9 @@ def step_runs_retry(
     in the future, and the reconciler sends them when due; nothing sleeps here.
 
     ``force`` is taken as given: callers check ``pipeline_ops.force_retry_steprun``.
-    Raises ValueError for an empty reason.
+    Raises ValueError for an empty reason or an unknown source.
     """
-    reason = _require_reason(reason)
+    reason = _require_reason(reason, source)
     now = now or timezone.now()
     batch = uuid.uuid4()
     report = ActionReport(action=OperatorAction.Action.FORCE_RETRY if force else OperatorAction.Action.RETRY, verb="queued", batch=batch)
@@ -417,13 +419,13 @@ def inputs_retry_plan(*, inputs: Iterable[PipelineInput], force: bool = False, n
 
 def inputs_retry(*, inputs: Iterable[PipelineInput], actor, reason: str, source: str, force: bool = False) -> ActionReport:
     """Retry the failed, waiting or stuck steps of each input (see ``step_runs_retry``).
-    Raises ValueError for an empty reason."""
+    Raises ValueError for an empty reason or an unknown source."""
     return step_runs_retry(step_runs=_input_retry_targets(inputs), actor=actor, reason=reason, source=source, force=force)
 
 
 def input_retry(*, pipeline_input: PipelineInput, actor, reason: str, source: str, force: bool = False) -> ActionReport:
     """Retry one input's failed, waiting or stuck steps (see ``step_runs_retry``).
-    Raises ValueError for an empty reason."""
+    Raises ValueError for an empty reason or an unknown source."""
     return inputs_retry(inputs=[pipeline_input], actor=actor, reason=reason, source=source, force=force)
 
 
@@ -455,10 +457,10 @@ def inputs_cancel(*, inputs: Iterable[PipelineInput], actor, reason: str, source
     """Cancel inputs that are not finished: their pending and queued steps are CANCELLED and a
     running step's key is released, so its attempt is fenced if it ever tries to complete
     (``services.inputs.input_cancel``). Finished inputs are skipped with the reason. One audit
-    row per input, in the transaction of its change. Raises ValueError for an empty reason."""
+    row per input, in the transaction of its change. Raises ValueError for an empty reason or an unknown source."""
     from .inputs import input_cancel
 
-    reason = _require_reason(reason)
+    reason = _require_reason(reason, source)
     report = ActionReport(action=OperatorAction.Action.CANCEL, verb="cancelled", batch=uuid.uuid4())
     for input_id in _pks(inputs):
         with transaction.atomic():
@@ -506,8 +508,8 @@ def step_runs_release_lease(*, step_runs: Iterable[StepRun], actor, reason: str,
     """Release expired (stuck) leases: the key becomes FAILED with a retry due now, the stuck
     attempt TIMED_OUT (FENCED if it ever completes), and the step waits as RETRY_WAIT due now, so
     the reconciler's next pass runs it. Live leases are refused (that is a forced retry).
-    Raises ValueError for an empty reason."""
-    reason = _require_reason(reason)
+    Raises ValueError for an empty reason or an unknown source."""
+    reason = _require_reason(reason, source)
     now = now or timezone.now()
     report = ActionReport(action=OperatorAction.Action.RELEASE_LEASE, verb="released", batch=uuid.uuid4())
     who = _actor_name(actor) or source
