@@ -21,8 +21,8 @@ from rest_framework.test import APIClient
 ROOT = Path(__file__).resolve().parents[2]
 # The live server's lease: long enough to outlast the "slow first request" pause, short enough
 # that the crash-before-commit test waits only seconds for the takeover.
-LIVE_LEASE_SECONDS = 6
-SLOW_FIRST_SECONDS = 3
+LIVE_LEASE_SECONDS = 8
+SLOW_FIRST_SECONDS = 5
 
 
 @pytest.fixture(autouse=True)
@@ -98,6 +98,7 @@ def gunicorn_process(django_db_setup, django_db_blocker, tmp_path_factory):
         "DJANGO_SETTINGS_MODULE": "tests.settings",
         "DATABASE_URL": _database_url(),
         "IDEMPOTENCY_LEASE_SECONDS": str(LIVE_LEASE_SECONDS),
+        "IDEMPOTENCY_MAX_WAIT_SECONDS": "30",
         "PIPELINE_OPS_API_FAULTS_DIR": str(faults_dir),
         "API_THROTTLE_RATE": "100000/minute",
         "CONN_MAX_AGE": "0",  # no idle server connections holding up the test database's flush and drop
