@@ -194,9 +194,17 @@ def queue_depth() -> QueueDepth:
     broker_name = settings.PIPELINE_OPS_BROKER
     try:
         broker = _broker()
-        ready = broker.queue_size()
-        in_flight = broker.lock_size() if broker_name == "orm" else None
-        return QueueDepth(broker=broker_name, ready=ready, in_flight=in_flight)
+        if broker_name == "orm":
+            # Straight to the table: the ORM broker's own queue_size() calls
+            # close_old_connections() first, which on SQLite (CONN_MAX_AGE=0) closes the
+            # request's connection mid-page.
+            from django_q.conf import Conf
+            from django_q.models import OrmQ
+
+            rows = OrmQ.objects.using(Conf.ORM).filter(key=broker.list_key)
+            now = timezone.now()
+            return QueueDepth(broker=broker_name, ready=rows.filter(lock__lte=now).count(), in_flight=rows.filter(lock__gt=now).count())
+        return QueueDepth(broker=broker_name, ready=broker.queue_size(), in_flight=None)
     except Exception as exc:  # the dashboard must render while the broker is down: say so instead
         return QueueDepth(broker=broker_name, ready=None, in_flight=None, error=f"{type(exc).__name__}: {exc}"[:200])
 

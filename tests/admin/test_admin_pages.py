@@ -291,3 +291,17 @@ def test_timeline_buttons_lead_to_the_confirmation_page_when_permitted():
     assert step_run.status == StepStatus.FAILED  # nothing happens before the reason is given
     assert 'id="timeline-retry"' not in login(operator("viewer")).get(
         reverse("admin:pipeline_ops_pipelineinput_change", args=[pipeline_input.pk])).content.decode()
+
+
+def test_queue_depth_counts_the_orm_queue_rows_when_steps_are_enqueued():
+    from django_q.models import OrmQ
+
+    from pipeline_ops.selectors import queue_depth
+
+    before = queue_depth()
+    for _ in range(3):
+        submit()  # each submission enqueues its first step (the ORM broker: a row in this transaction)
+
+    after = queue_depth()
+    assert after.broker == "orm" and not after.error
+    assert after.ready == before.ready + 3 == OrmQ.objects.count()
