@@ -173,7 +173,7 @@ def step_run_execute(*, step_run_id: int, now: datetime | None = None) -> StepEx
     ctx = StepContext(
         step=step_run.step, step_run_id=step_run.pk, input_id=str(step_run.input_id),
         idempotency_key=step_run.idempotency_key, attempt_number=attempt.number,
-        payload=step_run.input.payload, outputs=outputs,
+        payload=step_run.input.payload, outputs=outputs, timeout_seconds=step.timeout_seconds,
     )
     try:
         output = step_call(step=step, ctx=ctx, attempt=attempt)

@@ -75,6 +75,7 @@ class StepContext:
     attempt_number: int
     payload: Any
     outputs: dict[str, Any]
+    timeout_seconds: float | None = None  # the step's budget for external calls (None: its own default)
     details: dict[str, Any] = field(default_factory=dict)
     stop_event: threading.Event = field(default_factory=threading.Event)
 
@@ -107,14 +108,15 @@ class Step:
     ``lease_seconds``: how long a claim holds the step's key before another attempt may take
     over; the runner heartbeats every third of it, so a step may run longer than its lease as
     long as its worker is alive. ``timeout_seconds``: the step's own budget for external calls
-    (the LLM client's read timeout); keep it below django-q2's ``timeout``.
+    (``ctx.timeout_seconds``; the llm step's read timeout, ``LLM_TIMEOUT_SECONDS`` when None);
+    keep it below django-q2's ``timeout``.
     """
 
     name: str
     func: StepCallable
     policy: RetryPolicy
     lease_seconds: float = 30.0
-    timeout_seconds: float = 60.0
+    timeout_seconds: float | None = None
     description: str = ""
 
     def is_transient(self, exc: BaseException) -> bool:

@@ -26,6 +26,6 @@ step_register(Step(name="summarise", func=summarise, policy=_LOCAL, lease_second
 step_register(Step(
     name="llm", func=llm,
     policy=RetryPolicy(max_attempts=5, backoff_base_seconds=2.0, backoff_max_seconds=120.0, is_transient=is_transient),
-    lease_seconds=float(settings.LLM_TIMEOUT_SECONDS) + 30.0, timeout_seconds=float(settings.LLM_TIMEOUT_SECONDS),
+    lease_seconds=float(settings.LLM_TIMEOUT_SECONDS) + 30.0,  # timeout: LLM_TIMEOUT_SECONDS, read per call
     description="OpenAI-compatible chat completion with the step's Idempotency-Key.",
 ))

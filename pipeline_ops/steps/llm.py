@@ -42,7 +42,8 @@ def llm(ctx: StepContext) -> dict:
     if settings.LLM_API_KEY:
         headers["Authorization"] = f"Bearer {settings.LLM_API_KEY}"
     body = {"model": settings.LLM_MODEL, "messages": build_messages(ctx), "temperature": 0}
-    timeout = httpx.Timeout(settings.LLM_TIMEOUT_SECONDS, connect=settings.LLM_CONNECT_TIMEOUT_SECONDS)
+    read_timeout = ctx.timeout_seconds or settings.LLM_TIMEOUT_SECONDS
+    timeout = httpx.Timeout(read_timeout, connect=settings.LLM_CONNECT_TIMEOUT_SECONDS)
     ctx.details.update(model=settings.LLM_MODEL, idempotency_key=ctx.idempotency_key)
     started = time.monotonic()
     try:
@@ -55,7 +56,7 @@ def llm(ctx: StepContext) -> dict:
         if isinstance(exc, (httpx.ConnectTimeout, httpx.PoolTimeout)):
             raise TransientStepError(f"could not connect to the model endpoint in time: {exc!r}") from exc
         raise OutcomeUnknownError(
-            f"the model call timed out after {settings.LLM_TIMEOUT_SECONDS}s; it may have been processed"
+            f"the model call timed out after {read_timeout}s; it may have been processed"
         ) from exc
     except httpx.TransportError as exc:
         ctx.details["latency_ms"] = round((time.monotonic() - started) * 1000, 1)

@@ -128,3 +128,13 @@ def test_llm_step_fails_with_clear_message_when_no_endpoint_is_configured(settin
     pipeline_input = submit()
     drain()
     assert "LLM_BASE_URL is not set" in llm_run(pipeline_input).last_error
+
+
+def test_llm_step_times_out_at_policy_timeout_when_overridden(llm_endpoint, settings):
+    settings.LLM_TIMEOUT_SECONDS = 30
+    settings.PIPELINE_STEP_POLICIES = {"llm": {"timeout_seconds": 0.4}}
+    llm_endpoint.configure(stall_rate=1.0, stall_seconds=5)
+    pipeline_input = submit()
+    assert drain()[-1][1] == Outcome.RETRY_SCHEDULED
+    (first,) = attempts(llm_run(pipeline_input))
+    assert first.status == AttemptStatus.UNKNOWN and "after 0.4s" in first.error_message

@@ -96,3 +96,10 @@ def test_unknown_step_raises_when_not_registered(settings):
     settings.PIPELINE_STEP_POLICIES = {"llm": {"retries": 3}}
     with pytest.raises(UnknownStepError, match="unknown keys"):
         step_get(name="llm")
+
+
+def test_llm_timeout_comes_from_step_policy_when_overridden(settings):
+    settings.PIPELINE_STEP_POLICIES = {"llm": {"timeout_seconds": 2.5}}
+    assert step_get(name="llm").timeout_seconds == 2.5
+    settings.PIPELINE_STEP_POLICIES = {}
+    assert step_get(name="llm").timeout_seconds is None  # LLM_TIMEOUT_SECONDS, read per call
