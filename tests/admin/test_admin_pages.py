@@ -43,6 +43,9 @@ def test_console_pages_render_and_filter_in_bounded_queries_when_thousands_of_ro
     client = login(operator("viewer"))
     some_input = PipelineInput.objects.filter(status=InputStatus.FAILED).first()
     some_record = IdempotencyRecord.objects.filter(status=RecordStatus.PROCESSING).first()
+    _, retried_step, _ = failed_input()
+    operations.step_runs_retry(step_runs=[retried_step], actor=None, reason="a " + "long reason " * 40, source="cli")
+    action = OperatorAction.objects.get()
     urls = {
         reverse("admin:index"): "Operations dashboard",
         changelist("pipeline_ops_pipelineinput"): "bulk",
@@ -61,7 +64,9 @@ def test_console_pages_render_and_filter_in_bounded_queries_when_thousands_of_ro
         changelist("idempotency_idempotencyrecord") + f"?q={some_record.key}": some_record.key[:20],
         reverse("admin:idempotency_idempotencyrecord_change", args=[some_record.pk]): some_record.fingerprint,
         changelist("idempotency_attempt") + "?status__exact=FAILED": "ConnectionError",
-        changelist("pipeline_ops_operatoraction"): "operator action",
+        changelist("pipeline_ops_operatoraction"): "long reason",
+        reverse("admin:pipeline_ops_operatoraction_change", args=[action.pk]): "QUEUED",
+        reverse("admin:pipeline_ops_steprun_change", args=[retried_step.pk]): retried_step.step,
         changelist("pipeline_ops_stepoutput"): "step output",
         reverse("admin:pipeline_ops_dashboard"): "Duplicates prevented",
     }
@@ -75,6 +80,7 @@ def test_console_pages_render_and_filter_in_bounded_queries_when_thousands_of_ro
     failed_page = client.get(changelist("pipeline_ops_pipelineinput") + "?status__exact=FAILED").content.decode()
     assert "Succeeded</td>" not in failed_page and "Failed</td>" in failed_page
     assert "x" * 300 not in failed_page
+    assert "long reason " * 40 not in client.get(changelist("pipeline_ops_operatoraction")).content.decode()
     assert "y" * 400 not in client.get(changelist("pipeline_ops_steprun") + "?status__exact=FAILED").content.decode()
     assert "Show counts" not in failed_page  # facets would COUNT every filter choice over the table
     stuck_rows = client.get(changelist("pipeline_ops_stuckattempt")).content.decode().count('class="field-attempt"')
