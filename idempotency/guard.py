@@ -13,11 +13,12 @@ import os
 import socket
 import traceback as traceback_module
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from django.db import IntegrityError, transaction
+from django.db import IntegrityError, connections, router, transaction
 from django.db.models import F
 from django.utils import timezone
 
@@ -137,19 +138,19 @@ def claim(
     lease = timedelta(seconds=lease_seconds if lease_seconds is not None else conf.get("LEASE_SECONDS"))
     worker = worker or default_worker()
     for _ in range(3):
+        record = IdempotencyRecord(
+            scope=scope,
+            key=key,
+            operation=operation,
+            fingerprint=fingerprint,
+            status=RecordStatus.PROCESSING,
+            attempt_count=1,
+            lease_expires_at=now + lease,
+            expires_at=now + _retention(),
+        )
+        attempt = Attempt(record=record, number=1, worker=worker, started_at=now)
         try:
-            with transaction.atomic():
-                record = IdempotencyRecord.objects.create(
-                    scope=scope,
-                    key=key,
-                    operation=operation,
-                    fingerprint=fingerprint,
-                    status=RecordStatus.PROCESSING,
-                    attempt_count=1,
-                    lease_expires_at=now + lease,
-                    expires_at=now + _retention(),
-                )
-                attempt = Attempt.objects.create(record=record, number=1, worker=worker, started_at=now)
+            _insert_new(record, attempt)
             return Claimed(attempt)
         except IntegrityError:
             pass  # the key exists: decide below, under its row lock
@@ -261,14 +262,11 @@ def complete(
         with transaction.atomic():
             if write is not None:
                 write()
-            # Last, so the record's row lock is held for the shortest time.
-            held = _held_by(attempt).update(
-                status=RecordStatus.COMPLETED, result=result, completed_at=now, lease_expires_at=None,
-                retry_at=None, error_summary="", updated_at=now, expires_at=now + _retention(),
-            )
-            if not held:
+            # Last, so the record's row lock is held for the shortest time, and so locks are taken
+            # in one order (domain rows, then the key): callers that lock a domain row and then
+            # its key (an operator's retry) cannot deadlock with a completing worker.
+            if not _complete_held(attempt=attempt, result=result, details=details, now=now):
                 raise _NotHolder
-            _attempt_end(attempt_id=attempt.pk, status=AttemptStatus.SUCCEEDED, now=now, details=details)
         return Completion(fenced=False, result=result)
     except _NotHolder:
         reason = "finished after a newer attempt took the key; its write was rolled back"
@@ -382,3 +380,135 @@ def _attempt_end(
     if details:
         changes["details"] = details
     return rows.filter(status__in=attempt_sources(status)).update(**changes)
+
+
+# --- the happy path's statements ----------------------------------------------------------------
+#
+# The happy path (a new key, then its completion) is what every guarded operation pays, so it is
+# kept to two commits, with statements written once from the models' metadata instead of being
+# compiled by the ORM on every call:
+#   claim:    PostgreSQL: one INSERT that writes the record and attempt #1 (a data-modifying CTE),
+#             sent in autocommit mode: one round trip, one commit, no BEGIN/COMMIT of its own.
+#             SQLite: the two INSERTs in one transaction.
+#   complete: one UPDATE that moves the record to COMPLETED *only where* it is PROCESSING with
+#             ``attempt_count = number`` and (PostgreSQL: in the same statement) the attempt to
+#             SUCCEEDED; then the caller's domain write; then the commit.
+# The protocol is the one the ORM path (kept for other databases) follows: the unique constraint on
+# (scope, key) decides the claim (a unique violation fails the insert as a whole), and the
+# completion is one conditional UPDATE whose row count says whether the attempt held the key.
+
+_FAST_VENDORS = frozenset({"postgresql", "sqlite"})
+
+
+def _db_for(model):
+    return connections[router.db_for_write(model)]
+
+
+def _insert_statement(connection, model, instance, *, skip: tuple[str, ...] = ()) -> tuple[str, str, list]:
+    """Column list, placeholders and adapted values for inserting ``instance`` (auto fields run)."""
+    fields = [f for f in model._meta.concrete_fields if not (f.primary_key and f.auto_created) and f.attname not in skip]
+    values = [f.get_db_prep_save(f.pre_save(instance, add=True), connection) for f in fields]
+    columns = ", ".join(connection.ops.quote_name(f.column) for f in fields)
+    return columns, ", ".join(["%s"] * len(fields)), values
+
+
+def _mark_saved(connection, *instances) -> None:
+    for instance in instances:
+        instance._state.adding, instance._state.db = False, connection.alias
+
+
+def _insert_new(record: IdempotencyRecord, attempt: Attempt) -> None:
+    """Insert a new key's record and its attempt #1 atomically. Raises IntegrityError if the key exists."""
+    connection = _db_for(IdempotencyRecord)
+    if connection.vendor not in _FAST_VENDORS:
+        with transaction.atomic(using=connection.alias):
+            record.save(force_insert=True, using=connection.alias)
+            attempt.record = record
+            attempt.save(force_insert=True, using=connection.alias)
+        return
+    qn = connection.ops.quote_name
+    record_table, attempt_table = qn(IdempotencyRecord._meta.db_table), qn(Attempt._meta.db_table)
+    record_pk, record_fk = qn(IdempotencyRecord._meta.pk.column), qn(Attempt._meta.get_field("record").column)
+    columns, placeholders, values = _insert_statement(connection, IdempotencyRecord, record)
+    if connection.vendor == "postgresql":
+        a_columns, a_placeholders, a_values = _insert_statement(connection, Attempt, attempt, skip=("record_id",))
+        sql = (
+            f"WITH new_record AS (INSERT INTO {record_table} ({columns}) VALUES ({placeholders}) RETURNING {record_pk}) "
+            f"INSERT INTO {attempt_table} ({a_columns}, {record_fk}) SELECT {a_placeholders}, {record_pk} FROM new_record "
+            f"RETURNING {record_fk}"
+        )
+        # In autocommit the statement is its own transaction; inside a caller's transaction a
+        # savepoint keeps a unique violation from poisoning it.
+        block = transaction.atomic(using=connection.alias) if connection.in_atomic_block else nullcontext()
+        with block, connection.cursor() as cursor:
+            cursor.execute(sql, values + a_values)
+            record.pk = cursor.fetchone()[0]
+    else:
+        with transaction.atomic(using=connection.alias), connection.cursor() as cursor:
+            cursor.execute(f"INSERT INTO {record_table} ({columns}) VALUES ({placeholders})", values)
+            record.pk = cursor.lastrowid
+            attempt.record = record
+            a_columns, a_placeholders, a_values = _insert_statement(connection, Attempt, attempt)
+            cursor.execute(f"INSERT INTO {attempt_table} ({a_columns}) VALUES ({a_placeholders})", a_values)
+    attempt.record = record
+    _mark_saved(connection, record, attempt)
+
+
+def _complete_held(*, attempt: Attempt, result: Any, details: dict | None, now: datetime) -> bool:
+    """Move the record to COMPLETED and the attempt to SUCCEEDED if the attempt holds the key.
+
+    Must run inside the completion's transaction. False (nothing written) if it does not hold it.
+    """
+    record_changes: dict[str, Any] = dict(
+        status=RecordStatus.COMPLETED, result=result, completed_at=now, lease_expires_at=None,
+        retry_at=None, error_summary="", updated_at=now, expires_at=now + _retention(),
+    )
+    attempt_changes: dict[str, Any] = {"status": AttemptStatus.SUCCEEDED, "finished_at": now}
+    if details:
+        attempt_changes["details"] = details
+    sources = attempt_sources(AttemptStatus.SUCCEEDED)
+    connection = _db_for(IdempotencyRecord)
+    if connection.vendor not in _FAST_VENDORS:
+        if not _held_by(attempt).update(**record_changes):
+            return False
+        Attempt.objects.filter(pk=attempt.pk, status__in=sources).update(**attempt_changes)
+        return True
+    qn = connection.ops.quote_name
+
+    def col(model, name):
+        return qn(model._meta.get_field(name).column)
+
+    def assignments(model, changes):
+        fields = [model._meta.get_field(name) for name in changes]
+        sql = ", ".join(f"{qn(f.column)} = %s" for f in fields)
+        return sql, [f.get_db_prep_save(changes[f.name], connection) for f in fields]
+
+    record_set, record_params = assignments(IdempotencyRecord, record_changes)
+    attempt_set, attempt_params = assignments(Attempt, attempt_changes)
+    record_table, attempt_table = qn(IdempotencyRecord._meta.db_table), qn(Attempt._meta.db_table)
+    # The fencing condition: the record moves only while this attempt holds the key.
+    held_sql = (
+        f"UPDATE {record_table} SET {record_set} WHERE {col(IdempotencyRecord, 'id')} = %s "
+        f"AND {col(IdempotencyRecord, 'status')} = %s AND {col(IdempotencyRecord, 'attempt_count')} = %s"
+    )
+    held_params = [*record_params, attempt.record_id, RecordStatus.PROCESSING, attempt.number]
+    attempt_pk = Attempt._meta.pk.get_db_prep_value(attempt.pk, connection)
+    ended_sql = (
+        f"UPDATE {attempt_table} SET {attempt_set} WHERE {col(Attempt, 'id')} = %s "
+        f"AND {col(Attempt, 'status')} IN ({', '.join(['%s'] * len(sources))})"
+    )
+    ended_params = [*attempt_params, attempt_pk, *sources]
+    with connection.cursor() as cursor:
+        if connection.vendor == "postgresql":
+            cursor.execute(
+                f"WITH held AS ({held_sql} RETURNING 1), "
+                f"ended AS ({ended_sql} AND EXISTS (SELECT 1 FROM held) RETURNING 1) "
+                f"SELECT (SELECT count(*) FROM held)",
+                held_params + ended_params,
+            )
+            return bool(cursor.fetchone()[0])
+        cursor.execute(held_sql, held_params)
+        if cursor.rowcount != 1:
+            return False
+        cursor.execute(ended_sql, ended_params)
+        return True
