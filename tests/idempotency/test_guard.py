@@ -325,7 +325,9 @@ def test_complete_raises_and_keeps_the_key_when_domain_write_conflicts_while_hol
 def test_complete_stores_result_and_domain_row_together_when_attempt_holds_key(record_of):
     attempt = claimed("k", now=at(0))
 
-    done = complete_with_receipt(attempt, key="k", now=at(3), result={"receipt": 42})
+    done = guard.complete(
+        attempt=attempt, result={"receipt": 42}, write=receipt_write("k", attempt), details={"tokens": 3}, now=at(3),
+    )
 
     assert (done.fenced, done.result) == (False, {"receipt": 42})
     record = record_of("k")
@@ -333,7 +335,8 @@ def test_complete_stores_result_and_domain_row_together_when_attempt_holds_key(r
         RecordStatus.COMPLETED, {"receipt": 42}, at(3), None,
     )
     assert record.expires_at == at(3) + timedelta(hours=24)
-    assert Attempt.objects.get(pk=attempt.pk).status == AttemptStatus.SUCCEEDED
+    row = Attempt.objects.get(pk=attempt.pk)
+    assert (row.status, row.finished_at, row.details) == (AttemptStatus.SUCCEEDED, at(3), {"tokens": 3})
     assert Receipt.objects.get().attempt_number == 1
 
 

@@ -165,7 +165,7 @@ class Run:
             assert receipts == [] and succeeded == [] and self.completed_result is None
 
 
-@settings(max_examples=150, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=100, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
 @given(ops=st.lists(operation, min_size=1, max_size=30))
 def test_guard_keeps_its_invariants_when_moves_interleave_randomly(ops):
     # One database transaction holds every example (pytest-django); start each from empty tables.
