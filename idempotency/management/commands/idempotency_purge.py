@@ -1,4 +1,7 @@
+import sys
+
 from django.core.management.base import BaseCommand, CommandError
+from tqdm import tqdm
 
 from idempotency.purge import records_purge
 
@@ -26,7 +29,12 @@ class Command(BaseCommand):
             raise CommandError("--batch-size must be at least 1.")
         if limit is not None and limit < 1:
             raise CommandError("--limit must be at least 1.")
-        report = records_purge(older_than_hours=older_than, batch_size=batch_size, dry_run=dry_run, limit=limit)
+        # A progress bar on a terminal only: a scheduled run's log gets the one summary line.
+        show_progress = not (json or dry_run) and getattr(self.stderr._out, "isatty", lambda: False)()
+        with tqdm(desc="purging", unit=" records", disable=not show_progress, file=self.stderr._out or sys.stderr) as bar:
+            report = records_purge(
+                older_than_hours=older_than, batch_size=batch_size, dry_run=dry_run, limit=limit, on_batch=bar.update,
+            )
         if json:
             import json as json_module
 
