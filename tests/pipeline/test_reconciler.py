@@ -182,3 +182,39 @@ def test_poison_step_is_dead_lettered_when_it_kills_every_worker(test_steps, pip
     assert run.status == StepStatus.FAILED and run.attempts_used == 2 and "2 attempts started" in run.last_error
     statuses = list(Attempt.objects.filter(record__key=run.idempotency_key).values_list("status", flat=True))
     assert statuses == [AttemptStatus.TIMED_OUT, AttemptStatus.TIMED_OUT]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_reconcile_command_loops_until_sigterm_when_run_as_a_process():
+    import os
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from django.db import connection
+
+    pipeline_input = submit()
+    OrmQ.objects.all().delete()  # its first task is lost
+    first = StepRun.objects.get(input=pipeline_input, position=0)
+    db = connection.settings_dict
+    if connection.vendor == "sqlite":
+        url = f"sqlite:///{db['NAME']}"
+    else:
+        url = f"postgres://{db['USER']}@{db['HOST'] or '127.0.0.1'}:{db['PORT'] or 5432}/{db['NAME']}"
+    proc = subprocess.Popen(
+        [sys.executable, "manage.py", "reconcile", "--interval", "0.2", "--grace", "0", "--json", "--skip-checks"],
+        cwd=Path(__file__).resolve().parents[2], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "DJANGO_SETTINGS_MODULE": "tests.settings", "DATABASE_URL": url},
+    )
+    try:
+        passes = [json.loads(proc.stdout.readline()) for _ in range(3)]
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=15) == 0, proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert passes[0]["lost"] == [first.pk]
+    # Later passes see its task on the queue: sent once, not once per pass.
+    assert sum(p["enqueued"] for p in passes) == 1 and queued_ids() == [first.pk]
