@@ -257,3 +257,28 @@ def test_command_exits_non_zero_with_one_line_when_run_from_the_shell(tmp_path):
         [sys.executable, "manage.py", "submit", "--help"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60,
     )
     assert help_.returncode == 0 and "--key-column" in help_.stdout
+
+
+@pytest.mark.parametrize("pipeline", ["default", "llm"])
+def test_bulk_step_runs_equal_the_single_submission_ones_when_pipeline_is_the_same(pipeline):
+    """The set-based step insert creates exactly what input_submit creates row by row."""
+    from pipeline_ops.services.inputs import input_submit
+
+    single = input_submit(pipeline=pipeline, payload={"text": "one"}, scope="api:1", key="k").input
+    bulk = inputs_submit_stream(stream=io.StringIO('{"text": "two"}\n'), fmt="jsonl", pipeline=pipeline)
+    assert bulk.created == 1
+    bulk_input = PipelineInput.objects.get(submission_scope="cli")
+
+    def shape(pipeline_input):
+        rows = []
+        for row in StepRun.objects.filter(input=pipeline_input).order_by("position").values():
+            assert row["created_at"] is not None and row["updated_at"] is not None
+            row["enqueued_at"] = row["enqueued_at"] is not None
+            for name in ("id", "input_id", "created_at", "updated_at"):
+                row.pop(name)
+            rows.append(row)
+        return rows
+
+    assert shape(bulk_input) == shape(single)
+    assert len(shape(single)) == 3
+    assert bulk_input.status == single.status and bulk_input.finished_at is None
