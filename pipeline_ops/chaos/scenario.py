@@ -148,49 +148,79 @@ def _start_model_server(cfg: ChaosConfig):
 class _Faults:
     """SIGKILLs and duplicate enqueues, spread over the run by progress (0..1)."""
 
-    def __init__(self, cfg: ChaosConfig, clusters: list[QCluster], rng: random.Random):
+    def __init__(self, cfg: ChaosConfig, clusters: list[QCluster], rng: random.Random,
+                 running_attempt: Callable[[int], tuple[str, str] | None] | None = None):
         self.cfg, self.clusters, self.rng = cfg, clusters, rng
+        # pid -> (attempt id, key) of the attempt that worker runs, read just before the SIGKILL.
+        self.running_attempt = running_attempt
+        self.killed_attempt_ids: list[str] = []
         self.counts = Counter()
         self.killed_tasks: list[str] = []
+        self.killed_pids: list[int] = []
         self._restarting: threading.Thread | None = None
 
     def duplicate_due(self, progress: float) -> bool:
         target = round(self.cfg.duplicate_enqueues * min(1.0, progress / 0.8 + 0.1))
         return self.counts["duplicate_enqueues"] < target
 
-    def kill_busy_worker(self, *, only: str = "") -> bool:
-        """SIGKILL one worker that is running a task right now (``only``: task-name prefix)."""
+    def _mid_model_call(self, cluster: QCluster) -> dict[int, tuple[str, str | None]]:
+        """Busy workers of ``cluster`` that are inside the model call right now (the long step):
+        pid -> (task name, running attempt id). Killing them is "mid-step" for sure; the offline
+        steps take milliseconds, so a worker caught on one usually finishes before the signal."""
+        found = {}
+        for pid, task in cluster.busy_workers().items():
+            if self.running_attempt is not None:
+                running = self.running_attempt(pid)
+                if running and running[1].endswith(":llm"):
+                    found[pid] = (task, running[0])
+            elif task.startswith("naive:") and task.endswith(":2"):  # the control group's llm step
+                found[pid] = (task, None)
+        return found
+
+    def kill_busy_worker(self, *, any_busy: bool = False) -> bool:
+        """SIGKILL one worker that is inside a model call (``any_busy``: running any task)."""
         for cluster in self.rng.sample(self.clusters, len(self.clusters)):
             if not cluster.alive:
                 continue
-            for pid, task in cluster.busy_workers().items():
-                if only and not task.startswith(only):
-                    continue
+            targets = (
+                {pid: (task, None) for pid, task in cluster.busy_workers().items()} if any_busy
+                else self._mid_model_call(cluster)
+            )
+            for pid, (task, attempt_id) in targets.items():
                 if cluster.kill_worker(pid):
+                    if attempt_id:
+                        self.killed_attempt_ids.append(attempt_id)
                     self.counts["workers_sigkilled"] += 1
                     self.killed_tasks.append(task)
+                    self.killed_pids.append(pid)
                     return True
         return False
 
-    def kill_cluster(self) -> bool:
-        """SIGKILL a whole cluster (busy if possible) mid-step, and restart it a second later."""
-        live = [c for c in self.clusters if c.alive]
-        busy = [c for c in live if c.busy_workers()]
-        if not busy:
-            return False
-        victim = self.rng.choice(busy)
-        self.killed_tasks.extend(victim.busy_workers().values())
-        victim.kill()
-        self.counts["clusters_sigkilled"] += 1
+    def kill_cluster(self, *, any_busy: bool = False) -> bool:
+        """SIGKILL a whole cluster while it is inside a model call (``any_busy``: running any task),
+        and restart it a second later."""
+        for victim in self.rng.sample(self.clusters, len(self.clusters)):
+            if not victim.alive:
+                continue
+            mid = self._mid_model_call(victim)
+            if not mid and not (any_busy and victim.busy_workers()):
+                continue
+            busy = victim.busy_workers()
+            self.killed_attempt_ids.extend(attempt_id for _, attempt_id in mid.values() if attempt_id)
+            self.killed_tasks.extend(busy.values())
+            self.killed_pids.extend(busy)
+            victim.kill()
+            self.counts["clusters_sigkilled"] += 1
 
-        def restart() -> None:
-            time.sleep(1.0)
-            victim.start(wait=True, timeout=90)
-            self.counts["clusters_restarted"] += 1
+            def restart(victim: QCluster = victim) -> None:
+                time.sleep(1.0)
+                victim.start(wait=True, timeout=90)
+                self.counts["clusters_restarted"] += 1
 
-        self._restarting = threading.Thread(target=restart, daemon=True)
-        self._restarting.start()
-        return True
+            self._restarting = threading.Thread(target=restart, daemon=True)
+            self._restarting.start()
+            return True
+        return False
 
     def join(self) -> None:
         if self._restarting is not None:
@@ -231,7 +261,7 @@ def run_guarded(cfg: ChaosConfig) -> dict:
     scope = f"chaos:{run_id}"
     server = _start_model_server(cfg)
     clusters: list[QCluster] = []
-    faults = _Faults(cfg, clusters, rng)
+    faults = _Faults(cfg, clusters, rng, running_attempt=_running_attempt)
     late = _LateWrites(stall_seconds=cfg.stall_seconds)
     started = time.monotonic()
     reconciler_runs = 0
@@ -271,11 +301,11 @@ def run_guarded(cfg: ChaosConfig) -> dict:
                             step_run_enqueue(step_run_id=rng.choice(candidates))
                         faults.counts["duplicate_enqueues"] += 1
                 if cfg.kill_worker and not faults.counts["workers_sigkilled"] and progress >= worker_kill_at:
-                    faults.kill_busy_worker()
+                    faults.kill_busy_worker(any_busy=progress > 0.9)
                 if (
                     cfg.kill_cluster and not faults.counts["clusters_sigkilled"] and progress >= cluster_kill_at
                 ):
-                    faults.kill_cluster()
+                    faults.kill_cluster(any_busy=progress > 0.9)
                 if cfg.late_writes:
                     late.deliver(scope=scope)
                 if time.monotonic() - last_reconcile >= cfg.reconcile_interval:
@@ -289,6 +319,7 @@ def run_guarded(cfg: ChaosConfig) -> dict:
         served = _server_stats(server)
         server.stop()
     summary = guarded_summary(scope=scope, calls=served["calls"])
+    summary["killed_attempts"] = killed_attempts(ids=faults.killed_attempt_ids)
     summary.update(
         mode="guarded", run=run_id, broker=cfg.broker, database=connection.vendor,
         clusters=cfg.clusters, workers=cfg.workers, elapsed_seconds=round(time.monotonic() - started, 1),
@@ -429,6 +460,31 @@ def guarded_summary(*, scope: str, calls: dict[str, int]) -> dict:
     }
 
 
+def _running_attempt(pid: int) -> tuple[str, str] | None:
+    """The attempt a worker process is running now, from ``Attempt.worker`` ("host:pid")."""
+    from idempotency.guard import default_worker
+    from idempotency.models import Attempt
+    from idempotency.states import AttemptStatus
+
+    host = default_worker().rsplit(":", 1)[0]
+    found = (
+        Attempt.objects.filter(worker=f"{host}:{pid}", status=AttemptStatus.RUNNING)
+        .values_list("pk", "record__key").first()
+    )
+    return (str(found[0]), found[1]) if found else None
+
+
+def killed_attempts(*, ids: list[str]) -> list[dict]:
+    """Where the attempts that were RUNNING in the SIGKILLed workers ended up."""
+    from idempotency.models import Attempt
+
+    return [
+        {"id": str(pk), "key": key, "number": number, "status": status, "worker": worker}
+        for pk, key, number, status, worker in Attempt.objects.filter(pk__in=ids).values_list(
+            "pk", "record__key", "number", "status", "worker")
+    ]
+
+
 def integrity_check() -> dict:
     """What ``verify_integrity`` checks, on the whole database: {'ok', 'counts', 'violations'}."""
     from pipeline_ops.integrity import integrity_check as check
@@ -492,9 +548,9 @@ def run_naive(cfg: ChaosConfig) -> dict:
                     naive.naive_enqueue(run=run_id, input_id=input_id, position=rng.choice(done_positions), text=text, **common)
                     faults.counts["duplicate_enqueues"] += 1
                 if cfg.kill_worker and not faults.counts["workers_sigkilled"] and progress >= worker_kill_at:
-                    faults.kill_busy_worker()
+                    faults.kill_busy_worker(any_busy=progress > 0.9)
                 if cfg.kill_cluster and not faults.counts["clusters_sigkilled"] and progress >= cluster_kill_at:
-                    faults.kill_cluster()
+                    faults.kill_cluster(any_busy=progress > 0.9)
                 time.sleep(0.1)
             faults.join()
     finally:

@@ -54,6 +54,11 @@ def _assert_guarded_clean(run: dict) -> None:
     # The SIGKILLs really happened, and the steps whose workers died still finished exactly once.
     assert run["faults"]["workers_sigkilled"] == 1
     assert run["faults"]["clusters_sigkilled"] == 1 and run["faults"]["clusters_restarted"] == 1
+    # The attempts that were RUNNING in the killed workers (found by Attempt.worker = host:pid)
+    # did not stay RUNNING: a new attempt took each key over once its lease expired (TIMED_OUT).
+    assert "RUNNING" not in run["attempts_by_status"]
+    assert run["killed_attempts"], "no SIGKILLed worker was running a claimed attempt"
+    assert any(a["status"] == "TIMED_OUT" for a in run["killed_attempts"]), run["killed_attempts"]
     killed_steps = [int(name.split(":", 1)[1]) for name in run["faults"]["killed_tasks"] if name.startswith("step_run:")]
     assert killed_steps
     for step in StepRun.objects.filter(pk__in=killed_steps):
