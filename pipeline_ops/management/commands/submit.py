@@ -1,3 +1,4 @@
+import io
 import json as json_module
 import os
 import sys
@@ -53,7 +54,11 @@ class Command(BaseCommand):
         fmt = fmt or ("csv" if file.lower().endswith(".csv") else "jsonl")
         total = None
         if file == "-":
-            stream = sys.stdin
+            # UTF-8 whatever the locale says (a bare container's C locale would read ASCII).
+            buffer = getattr(sys.stdin, "buffer", None)
+            stream = (
+                io.TextIOWrapper(buffer, encoding="utf-8", newline="" if fmt == "csv" else None) if buffer is not None else sys.stdin
+            )
         else:
             try:
                 stream = open(file, encoding="utf-8", newline="" if fmt == "csv" else None)
@@ -74,7 +79,7 @@ class Command(BaseCommand):
             raise CommandError(f"{file} is not UTF-8 text ({error.reason} at byte {error.start}); batches before it were submitted.") from None
         finally:
             bar.close()
-            if stream is not sys.stdin:
+            if file != "-":
                 stream.close()
         if json:
             self.stdout.write(json_module.dumps(report.as_dict()))
@@ -83,6 +88,6 @@ class Command(BaseCommand):
                 self.stderr.write(f"line {error.line}: {error.message}")
             if report.error_count > ERRORS_PRINTED:
                 self.stderr.write(f"... and {report.error_count - ERRORS_PRINTED} more bad lines (see --json).")
-            self.stdout.write(f"submit: {report.summary} ({report.lines} lines read).")
+            self.stdout.write(f"submit: {report.summary} ({report.lines} line{'s' if report.lines != 1 else ''} read).")
         if report.error_count:
             sys.exit(2)
