@@ -224,6 +224,7 @@ class FailedAttempt(Attempt):
     class Meta:
         proxy = True
         verbose_name = "failed attempt"
+        verbose_name_plural = "failed attempts"
 
 
 class UnknownOutcomeAttempt(Attempt):
@@ -232,6 +233,7 @@ class UnknownOutcomeAttempt(Attempt):
     class Meta:
         proxy = True
         verbose_name = "unknown-outcome attempt"
+        verbose_name_plural = "unknown-outcome attempts"
 
 
 class FencedAttempt(Attempt):
@@ -240,6 +242,7 @@ class FencedAttempt(Attempt):
     class Meta:
         proxy = True
         verbose_name = "fenced attempt (late write prevented)"
+        verbose_name_plural = "fenced attempts (late writes prevented)"
 
 
 class StuckAttempt(Attempt):
@@ -248,3 +251,4 @@ class StuckAttempt(Attempt):
     class Meta:
         proxy = True
         verbose_name = "stuck attempt (lease expired)"
+        verbose_name_plural = "stuck attempts (lease expired)"
