@@ -57,7 +57,9 @@ class Command(BaseCommand):
         "duplicate enqueues, a busy worker SIGKILL and a whole-cluster SIGKILL + restart, run the "
         "reconciler, wait until every input is terminal, run verify_integrity and print a summary. "
         "Exit 0 only when duplicates = 0 and lost = 0. --naive also runs the same scenario through a "
-        "plain retry loop without the guard (the control group) and prints both side by side."
+        "plain retry loop without the guard (the control group) and prints both side by side. "
+        "Run it on a scratch database (--database, or `make chaos`): its reconciler loop re-enqueues "
+        "any stuck step it finds onto the chaos queue."
     )
 
     def add_arguments(self, parser):
