@@ -404,12 +404,24 @@ def _db_for(model):
     return connections[router.db_for_write(model)]
 
 
+_INSERT_PARTS: dict[tuple, tuple[list, str, str]] = {}
+
+
+def _insert_parts(connection, model, skip: tuple[str, ...]) -> tuple[list, str, str]:
+    # Built once per database vendor and model: the SQL text never changes between calls.
+    cache_key = (connection.vendor, model, skip)
+    if cache_key not in _INSERT_PARTS:
+        fields = [f for f in model._meta.concrete_fields if not (f.primary_key and f.auto_created) and f.attname not in skip]
+        columns = ", ".join(connection.ops.quote_name(f.column) for f in fields)
+        _INSERT_PARTS[cache_key] = fields, columns, ", ".join(["%s"] * len(fields))
+    return _INSERT_PARTS[cache_key]
+
+
 def _insert_statement(connection, model, instance, *, skip: tuple[str, ...] = ()) -> tuple[str, str, list]:
     """Column list, placeholders and adapted values for inserting ``instance`` (auto fields run)."""
-    fields = [f for f in model._meta.concrete_fields if not (f.primary_key and f.auto_created) and f.attname not in skip]
+    fields, columns, placeholders = _insert_parts(connection, model, skip)
     values = [f.get_db_prep_save(f.pre_save(instance, add=True), connection) for f in fields]
-    columns = ", ".join(connection.ops.quote_name(f.column) for f in fields)
-    return columns, ", ".join(["%s"] * len(fields)), values
+    return columns, placeholders, values
 
 
 def _mark_saved(connection, *instances) -> None:
