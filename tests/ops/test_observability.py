@@ -38,6 +38,17 @@ def client():
     return Client(HTTP_HOST="localhost")
 
 
+@pytest.fixture(autouse=True)
+def no_foreign_heartbeats(monkeypatch):
+    """Read heartbeats under a key no cluster writes to: a qcluster running on this machine for
+    something else (a demo, another test run) must not turn an expected 503 into a 200."""
+    import uuid
+
+    from django_q.conf import Conf
+
+    monkeypatch.setattr(Conf, "Q_STAT", f"django_q:ops-test-{uuid.uuid4().hex}:cluster")
+
+
 def scrape(client) -> dict[str, dict[tuple, float]]:
     """/metrics parsed: sample name -> {sorted label items: value}."""
     response = client.get("/metrics")
