@@ -108,7 +108,7 @@ def child(label: str, inputs: int, rounds: int) -> dict:
     return {
         "config": label, "inputs": inputs, "steps": inputs * steps, "workers": cluster.workers_expected,
         "bare_per_s": results["bare"], "guarded_per_s": results["guarded"],
-        "bare_median": bare_rate, "guarded_median": guarded_rate, "ratio": round(guarded_rate / bare_rate, 2),
+        "bare_median": round(bare_rate, 1), "guarded_median": round(guarded_rate, 1), "ratio": round(guarded_rate / bare_rate, 2),
     }
 
 

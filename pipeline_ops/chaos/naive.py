@@ -16,6 +16,7 @@ clusters, brokers, duplicate enqueues and SIGKILLs (``pipeline_ops.chaos.scenari
 """
 from __future__ import annotations
 
+import os
 import random
 import threading
 import time
@@ -78,14 +79,8 @@ def _insert(*, run: str, input_id: str, step: str, source: str, output: str) -> 
     with connection.cursor() as cursor:
         cursor.execute(
             f"INSERT INTO {TABLE} (run, input_id, step, source, output, pid) VALUES (%s, %s, %s, %s, %s, %s)",
-            [run, input_id, step, source, output[:2000], _pid()],
+            [run, input_id, step, source, output[:2000], os.getpid()],
         )
-
-
-def _pid() -> int:
-    import os
-
-    return os.getpid()
 
 
 def _local_step(step: str, text: str) -> str:

@@ -16,6 +16,8 @@ insert. The guard must fence every one of them, and the summary counts them.
 """
 from __future__ import annotations
 
+import json
+import os
 import random
 import sys
 import threading
@@ -81,8 +83,6 @@ class ChaosConfig:
 
     def __post_init__(self) -> None:
         if not self.settings_module:
-            import os
-
             self.settings_module = os.environ.get("DJANGO_SETTINGS_MODULE", "pipeline_ops.settings")
         if not self.database_url:
             self.database_url = database_url_for(connection.settings_dict)
@@ -114,8 +114,6 @@ def cluster_env(cfg: ChaosConfig, *, model_url: str) -> dict[str, str]:
     policies = {
         step: {"lease_seconds": cfg.lease_seconds} for step in settings.PIPELINES[cfg.pipeline]["steps"]
     }
-    import json
-
     return base_env(
         DJANGO_SETTINGS_MODULE=cfg.settings_module,
         DATABASE_URL=cfg.database_url,
@@ -499,8 +497,6 @@ def integrity_check() -> dict:
 
 def run_naive(cfg: ChaosConfig) -> dict:
     """The same scenario through the plain retry loop (``chaos.naive``); returns its summary."""
-    from django_q.brokers import get_broker  # noqa: F401 - imported for symmetry with the guarded run
-
     rng = random.Random(cfg.seed)
     run_id = uuid.uuid4().hex[:10]
     steps = list(settings.PIPELINES[cfg.pipeline]["steps"])
