@@ -274,11 +274,15 @@ def complete(
         if _held_by(attempt).exists():
             raise  # a genuine domain error while we hold the key: let the caller fail the attempt
         reason = f"finished late; the database refused its write ({type(exc).__name__})"
+    winner = IdempotencyRecord.objects.only("status", "result", "attempt_count").get(pk=attempt.record_id)
+    if winner.status == RecordStatus.COMPLETED and winner.attempt_count == attempt.number:
+        # This very attempt completed the key before (say its first call committed but the
+        # answer was lost): completing again is a replay of its own result, not a fencing.
+        return Completion(fenced=False, result=winner.result, reason="already completed by this attempt")
     _attempt_end(
         attempt_id=attempt.pk, status=AttemptStatus.FENCED, now=now,
         error_type="Fenced", message=reason, details=details,
     )
-    winner = IdempotencyRecord.objects.only("status", "result").get(pk=attempt.record_id)
     return Completion(fenced=True, result=winner.result if winner.status == RecordStatus.COMPLETED else None, reason=reason)
 
 

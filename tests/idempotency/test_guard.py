@@ -352,3 +352,16 @@ def test_complete_rolls_back_domain_write_when_write_raises(record_of):
 
     assert Receipt.objects.count() == 0
     assert record_of("k").status == RecordStatus.PROCESSING
+
+
+def test_complete_replays_own_result_without_writing_when_winner_completes_again(record_of):
+    attempt = claimed("k", now=at(0))
+    first = complete_with_receipt(attempt, key="k", now=at(1), result={"receipt": 1})
+
+    again = guard.complete(attempt=attempt, result={"receipt": 2}, write=receipt_write("k", attempt), now=at(2))
+
+    assert not first.fenced
+    assert (again.fenced, again.result, again.reason) == (False, {"receipt": 1}, "already completed by this attempt")
+    assert Receipt.objects.count() == 1
+    assert record_of("k").result == {"receipt": 1}
+    assert Attempt.objects.get(pk=attempt.pk).status == AttemptStatus.SUCCEEDED
