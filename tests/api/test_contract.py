@@ -264,3 +264,27 @@ def test_unknown_api_path_answers_problem_json_when_no_endpoint_matches(make_cli
     _, _, client = make_client("alice")
     response = client.get("/api/v1/nothing-here/")
     assert response.status_code == 404 and problem(response)["code"] == "not_found"
+
+
+# --- after the retention period ----------------------------------------------------------------
+
+
+def test_resubmission_answers_200_with_the_same_input_when_the_keys_record_was_purged(make_client):
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    from idempotency.purge import records_purge
+
+    _, _, client = make_client("alice")
+    first = submit(client, BODY, key="old")
+    assert records_purge(now=timezone.now() + timedelta(hours=25)).deleted == 1  # retention is 24 h
+    again = submit(client, BODY, key="old")
+    assert again.status_code == 200 and "Idempotent-Replayed" not in again
+    assert again.json()["id"] == first.json()["id"]
+    other = submit(client, {"pipeline": "default", "payload": {"text": "A different text."}}, key="old2")
+    assert other.status_code == 201
+    records_purge(now=timezone.now() + timedelta(hours=25))
+    reused = submit(client, BODY, key="old2")
+    assert reused.status_code == 422 and problem(reused)["code"] == "idempotency_key_reused"
+    assert PipelineInput.objects.count() == 2
