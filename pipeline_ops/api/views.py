@@ -103,6 +103,9 @@ class InputListCreateApi(IdempotencyMixin, ApiView, GenericAPIView):
     serializer_class = InputSerializer
     pagination_class = InputCursorPagination
 
+    def get_queryset(self):
+        return selectors.input_list_visible(user=self.request.user)
+
     def get_idempotency_operation(self, request) -> str:
         # A fixed name, not the request's path: the bench's unguarded twin must not matter here.
         return "POST /api/v1/inputs/"

@@ -161,3 +161,13 @@ def test_cancel_cancels_an_unfinished_input_once_when_an_operator_asks_twice(mak
     second = ops.post(f"/api/v1/inputs/{input_id}/cancel/", {"reason": "again"}, format="json").json()
     assert second["done"] == 0 and second["message"] == "0 cancelled, 1 skipped: already cancelled"
     assert OperatorAction.objects.count() == 2
+
+
+def test_browsable_api_serves_html_when_a_session_user_asks_for_it(client, django_user_model):
+    user = django_user_model.objects.create_user("browser")
+    client.force_login(user)  # session authentication, as from the admin login
+    for url in ("/api/v1/inputs/", "/api/v1/pipelines/"):
+        response = client.get(url, HTTP_ACCEPT="text/html")
+        assert response.status_code == 200 and response["Content-Type"].startswith("text/html")
+    missing = client.get("/api/v1/inputs/00000000-0000-0000-0000-000000000000/", HTTP_ACCEPT="text/html")
+    assert missing.status_code == 404 and missing["Content-Type"] == "application/problem+json"
