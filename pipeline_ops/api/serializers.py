@@ -45,7 +45,7 @@ def _has_nul(value) -> bool:
     {
         "type": "object",
         "description": "The input: an object with a non-empty `text` (the steps work on it) and any other JSON members.",
-        "properties": {"text": {"type": "string", "minLength": 1, "maxLength": conf.DEFAULTS["MAX_TEXT_CHARS"], "pattern": r"\S"}},
+        "properties": {"text": {"type": "string", "minLength": 1, "maxLength": conf.get("MAX_TEXT_CHARS"), "pattern": r"\S"}},
         "required": ["text"],
         "additionalProperties": True,
     }
