@@ -489,31 +489,18 @@ def _complete_held(*, attempt: Attempt, result: Any, details: dict | None, now: 
             return False
         Attempt.objects.filter(pk=attempt.pk, status__in=sources).update(**attempt_changes)
         return True
-    qn = connection.ops.quote_name
-
-    def col(model, name):
-        return qn(model._meta.get_field(name).column)
-
-    def assignments(model, changes):
-        fields = [model._meta.get_field(name) for name in changes]
-        sql = ", ".join(f"{qn(f.column)} = %s" for f in fields)
-        return sql, [f.get_db_prep_save(changes[f.name], connection) for f in fields]
-
-    record_set, record_params = assignments(IdempotencyRecord, record_changes)
-    attempt_set, attempt_params = assignments(Attempt, attempt_changes)
-    record_table, attempt_table = qn(IdempotencyRecord._meta.db_table), qn(Attempt._meta.db_table)
+    held_sql, ended_sql, record_fields, attempt_fields = _completion_statements(
+        connection, tuple(record_changes), tuple(attempt_changes), len(sources)
+    )
     # The fencing condition: the record moves only while this attempt holds the key.
-    held_sql = (
-        f"UPDATE {record_table} SET {record_set} WHERE {col(IdempotencyRecord, 'id')} = %s "
-        f"AND {col(IdempotencyRecord, 'status')} = %s AND {col(IdempotencyRecord, 'attempt_count')} = %s"
-    )
-    held_params = [*record_params, attempt.record_id, RecordStatus.PROCESSING, attempt.number]
-    attempt_pk = Attempt._meta.pk.get_db_prep_value(attempt.pk, connection)
-    ended_sql = (
-        f"UPDATE {attempt_table} SET {attempt_set} WHERE {col(Attempt, 'id')} = %s "
-        f"AND {col(Attempt, 'status')} IN ({', '.join(['%s'] * len(sources))})"
-    )
-    ended_params = [*attempt_params, attempt_pk, *sources]
+    held_params = [
+        *(f.get_db_prep_save(record_changes[f.name], connection) for f in record_fields),
+        attempt.record_id, RecordStatus.PROCESSING, attempt.number,
+    ]
+    ended_params = [
+        *(f.get_db_prep_save(attempt_changes[f.name], connection) for f in attempt_fields),
+        Attempt._meta.pk.get_db_prep_value(attempt.pk, connection), *sources,
+    ]
     with connection.cursor() as cursor:
         if connection.vendor == "postgresql":
             cursor.execute(
@@ -528,3 +515,31 @@ def _complete_held(*, attempt: Attempt, result: Any, details: dict | None, now: 
             return False
         cursor.execute(ended_sql, ended_params)
         return True
+
+
+_COMPLETION_STATEMENTS: dict[tuple, tuple[str, str, list, list]] = {}
+
+
+def _completion_statements(connection, record_names: tuple, attempt_names: tuple, source_count: int):
+    """The two conditional UPDATEs of a completion (SQL text and fields), built once per shape."""
+    cache_key = (connection.vendor, record_names, attempt_names, source_count)
+    if cache_key in _COMPLETION_STATEMENTS:
+        return _COMPLETION_STATEMENTS[cache_key]
+    qn = connection.ops.quote_name
+
+    def col(model, name):
+        return qn(model._meta.get_field(name).column)
+
+    record_fields = [IdempotencyRecord._meta.get_field(name) for name in record_names]
+    attempt_fields = [Attempt._meta.get_field(name) for name in attempt_names]
+    held_sql = (
+        f"UPDATE {qn(IdempotencyRecord._meta.db_table)} SET {', '.join(f'{qn(f.column)} = %s' for f in record_fields)} "
+        f"WHERE {col(IdempotencyRecord, 'id')} = %s AND {col(IdempotencyRecord, 'status')} = %s "
+        f"AND {col(IdempotencyRecord, 'attempt_count')} = %s"
+    )
+    ended_sql = (
+        f"UPDATE {qn(Attempt._meta.db_table)} SET {', '.join(f'{qn(f.column)} = %s' for f in attempt_fields)} "
+        f"WHERE {col(Attempt, 'id')} = %s AND {col(Attempt, 'status')} IN ({', '.join(['%s'] * source_count)})"
+    )
+    _COMPLETION_STATEMENTS[cache_key] = held_sql, ended_sql, record_fields, attempt_fields
+    return _COMPLETION_STATEMENTS[cache_key]
