@@ -213,7 +213,7 @@ class InputRetryApi(ApiView):
     @extend_schema(
         operation_id="inputs_retry",
         request=RetryRequestSerializer,
-        responses={200: ActionReportSerializer, **_problems(400, 401, 403, 404, 429)},
+        responses={200: ActionReportSerializer, **_problems(400, 401, 403, 404, 413, 415, 429)},
         summary="Retry an input's failed, waiting or stuck steps (safe: completed steps are skipped)",
         description="The admin's safe retry: a step already completed, or held by a live attempt (unless `force`), "
         "is skipped with the reason. Needs the 'retry step runs' permission (`force`: 'force retry'). Audited.",
@@ -239,7 +239,7 @@ class InputCancelApi(ApiView):
     @extend_schema(
         operation_id="inputs_cancel",
         request=OperatorActionRequestSerializer,
-        responses={200: ActionReportSerializer, **_problems(400, 401, 403, 404, 429)},
+        responses={200: ActionReportSerializer, **_problems(400, 401, 403, 404, 413, 415, 429)},
         summary="Cancel an unfinished input (finished inputs are skipped with the reason)",
         description="Pending and queued steps are cancelled; a running step's key is released so its attempt is "
         "fenced. Needs the 'cancel pipeline inputs' permission. Audited.",
