@@ -7,7 +7,8 @@ Use it on any DRF view, with the mixin::
         def post(self, request):
             data = ChargeSerializer(data=request.data)
             data.is_valid(raise_exception=True)        # validate FIRST: a 400 stores nothing
-            return self.idempotent_response(request, perform=lambda: charge_create(**data.validated_data))
+            return self.idempotent_response(
+                request, perform=lambda: Response(charge_create(**data.validated_data), status=201))
 
 or with the decorator, where the whole handler is the guarded work::
 
