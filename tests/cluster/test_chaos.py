@@ -38,6 +38,7 @@ def _assert_guarded_clean(run: dict) -> None:
     assert run["duplicates"] == 0
     assert run["lost"] == 0, run["lost_detail"]
     assert run["integrity"]["ok"], run["integrity"]
+    call_command("verify_integrity", stdout=io.StringIO())  # the operators' command agrees (raises on a violation)
     # The database agrees with the summary: every input terminal, one output per succeeded step.
     inputs = PipelineInput.objects.filter(submission_scope=f"chaos:{run['run']}")
     assert inputs.count() == 10
