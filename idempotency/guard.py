@@ -19,7 +19,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from django.db import IntegrityError, connections, router, transaction
-from django.db.models import F
+from django.db.models import Exists, F, OuterRef
 from django.utils import timezone
 
 from . import conf
@@ -218,9 +218,15 @@ def _claim_existing(
 
 
 def _held_by(attempt: Attempt):
-    """The record, filtered to match only while ``attempt`` still holds the key."""
+    """The record, filtered to match only while ``attempt`` still holds the key.
+
+    The attempt's own row must belong to the record too: should a record id ever be handed out
+    again (a claim committed asynchronously and lost in a database crash), a stale attempt
+    carrying that id and number 1 must not move another key's record.
+    """
     return IdempotencyRecord.objects.filter(
-        pk=attempt.record_id, status=RecordStatus.PROCESSING, attempt_count=attempt.number
+        Exists(Attempt.objects.filter(pk=attempt.pk, record_id=OuterRef("pk"))),
+        pk=attempt.record_id, status=RecordStatus.PROCESSING, attempt_count=attempt.number,
     )
 
 
@@ -493,13 +499,14 @@ def _complete_held(*, attempt: Attempt, result: Any, details: dict | None, now: 
         connection, tuple(record_changes), tuple(attempt_changes), len(sources)
     )
     # The fencing condition: the record moves only while this attempt holds the key.
+    attempt_id = Attempt._meta.pk.get_db_prep_value(attempt.pk, connection)
     held_params = [
         *(f.get_db_prep_save(record_changes[f.name], connection) for f in record_fields),
-        attempt.record_id, RecordStatus.PROCESSING, attempt.number,
+        attempt.record_id, RecordStatus.PROCESSING, attempt.number, attempt_id,
     ]
     ended_params = [
         *(f.get_db_prep_save(attempt_changes[f.name], connection) for f in attempt_fields),
-        Attempt._meta.pk.get_db_prep_value(attempt.pk, connection), *sources,
+        attempt_id, *sources,
     ]
     with connection.cursor() as cursor:
         if connection.vendor == "postgresql":
@@ -535,7 +542,10 @@ def _completion_statements(connection, record_names: tuple, attempt_names: tuple
     held_sql = (
         f"UPDATE {qn(IdempotencyRecord._meta.db_table)} SET {', '.join(f'{qn(f.column)} = %s' for f in record_fields)} "
         f"WHERE {col(IdempotencyRecord, 'id')} = %s AND {col(IdempotencyRecord, 'status')} = %s "
-        f"AND {col(IdempotencyRecord, 'attempt_count')} = %s"
+        f"AND {col(IdempotencyRecord, 'attempt_count')} = %s "
+        # The attempt's own row must belong to this record (see ``_held_by``).
+        f"AND EXISTS (SELECT 1 FROM {qn(Attempt._meta.db_table)} WHERE {col(Attempt, 'id')} = %s "
+        f"AND {col(Attempt, 'record')} = {qn(IdempotencyRecord._meta.db_table)}.{col(IdempotencyRecord, 'id')})"
     )
     ended_sql = (
         f"UPDATE {qn(Attempt._meta.db_table)} SET {', '.join(f'{qn(f.column)} = %s' for f in attempt_fields)} "

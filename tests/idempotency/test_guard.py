@@ -365,3 +365,30 @@ def test_complete_replays_own_result_without_writing_when_winner_completes_again
     assert Receipt.objects.count() == 1
     assert record_of("k").result == {"receipt": 1}
     assert Attempt.objects.get(pk=attempt.pk).status == AttemptStatus.SUCCEEDED
+
+
+# --- a record id handed out again ---------------------------------------------------------------
+
+
+def test_stale_attempt_cannot_move_another_key_when_its_record_id_is_reused(record_of):
+    """A claim committed asynchronously (the DRF layer skips the claim's own WAL flush) can be
+    lost in a database crash, and its record id handed to a new key. The old attempt still
+    carries that id and number 1: it must be refused, not complete, fail or extend the new key."""
+    stale = claimed("lost", now=at(0))
+    reused_id = stale.record_id
+    IdempotencyRecord.objects.filter(pk=reused_id).delete()  # the crash lost the claim (and its attempt)
+    IdempotencyRecord.objects.create(
+        pk=reused_id, scope="test", key="other", operation=OPERATION, fingerprint=FP,
+        status=RecordStatus.PROCESSING, attempt_count=1, lease_expires_at=at(30), expires_at=at(3600),
+    )
+    newcomer = Attempt.objects.create(record_id=reused_id, number=1, worker="host-b:2", started_at=at(1))
+
+    assert guard.heartbeat(attempt=stale, now=at(2)) is False
+    assert guard.fail(attempt=stale, error=TimeoutError("late"), policy=RETRYING, now=at(3)).held is False
+    done = complete_with_receipt(stale, key="lost", now=at(4))
+
+    assert done.fenced
+    assert not Receipt.objects.filter(key="lost").exists()
+    other = record_of("other")
+    assert (other.status, other.attempt_count, other.lease_expires_at) == (RecordStatus.PROCESSING, 1, at(30))
+    assert guard.complete(attempt=newcomer, result={"ok": True}, now=at(5)).fenced is False
