@@ -19,7 +19,8 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from django.db import IntegrityError, connections, router, transaction
-from django.db.models import Exists, F, OuterRef
+from django.db.models import Exists, F, OuterRef, Value
+from django.db.models.functions import Greatest
 from django.utils import timezone
 
 from . import conf
@@ -314,9 +315,10 @@ def fail(
     status = AttemptStatus.UNKNOWN if outcome_unknown else AttemptStatus.FAILED
     summary = _one_line(error)
     with transaction.atomic():
+        keep_until = {} if retry_at is None else {"expires_at": Greatest(F("expires_at"), Value(retry_at + _retention()))}
         held = _held_by(attempt).update(
             status=RecordStatus.FAILED, retry_at=retry_at, lease_expires_at=None,
-            error_summary=summary, updated_at=now,
+            error_summary=summary, updated_at=now, **keep_until,
         )
         _attempt_end(
             attempt_id=attempt.pk, status=status, now=now, error_type=type(error).__name__,

@@ -18,10 +18,10 @@ class IdempotencyRecordQuerySet(models.QuerySet):
         return self.filter(status=RecordStatus.PROCESSING, lease_expires_at__lt=now)
 
     def expired(self, *, now):
-        """Past retention and safe to delete: finished, or failed with no retry pending."""
-        return self.filter(expires_at__lt=now).filter(
-            Q(status=RecordStatus.COMPLETED) | Q(status=RecordStatus.FAILED, retry_at__isnull=True)
-        )
+        """Past retention and safe to delete: finished, or failed and left alone for a whole
+        retention period after its retry fell due (``fail`` pushes ``expires_at`` past it), so a
+        key whose client never came back does not stay forever."""
+        return self.filter(expires_at__lt=now, status__in=[RecordStatus.COMPLETED, RecordStatus.FAILED])
 
 
 class IdempotencyRecord(models.Model):

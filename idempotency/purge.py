@@ -23,7 +23,8 @@ class PurgeReport:
 
 
 def records_purgeable(*, now: datetime, older_than_hours: float | None = None):
-    """Records safe to delete: COMPLETED, or FAILED with no retry pending, past retention.
+    """Records safe to delete: COMPLETED or FAILED past retention (a pending retry counts as
+    activity: ``fail`` keeps the record a retention period beyond its retry time).
 
     PROCESSING records are never returned, whatever their age: a live lease means work is running,
     and an expired one means a stuck attempt that a person should see (``records_stuck``).
@@ -32,7 +33,7 @@ def records_purgeable(*, now: datetime, older_than_hours: float | None = None):
         return IdempotencyRecord.objects.expired(now=now)
     cutoff = now - timedelta(hours=older_than_hours)
     return IdempotencyRecord.objects.filter(updated_at__lt=cutoff).filter(
-        Q(status=RecordStatus.COMPLETED) | Q(status=RecordStatus.FAILED, retry_at__isnull=True)
+        Q(status=RecordStatus.COMPLETED) | Q(status=RecordStatus.FAILED) & (Q(retry_at__isnull=True) | Q(retry_at__lt=cutoff))
     )
 
 

@@ -60,12 +60,16 @@ def test_purge_deletes_expired_finished_records_with_their_attempts_when_past_re
     completed("done", now=at(0))
     failed_for_good("dead", now=at(0))
     retrying = claimed("retrying", now=at(0))
-    guard.fail(attempt=retrying, error=TimeoutError("t"), policy=RETRYING, now=at(1))  # a retry is still pending
+    # Its retry falls due within retention of LATER: the key is still in use, whatever its age.
+    guard.fail(attempt=retrying, error=TimeoutError("t"), policy=RETRYING, now=at(2 * DAY + 3600))
+    abandoned = claimed("abandoned", now=at(0))
+    # Its retry fell due on day 0 and nobody came back for it within a whole retention period.
+    guard.fail(attempt=abandoned, error=TimeoutError("t"), policy=RETRYING, now=at(1))
     completed("fresh", now=at(3 * DAY - 60))  # completed a minute before LATER: within retention
 
     report = records_purge(now=LATER)
 
-    assert report.deleted == 2
+    assert report.deleted == 3
     assert keys() == {"retrying", "fresh"}
     assert set(Attempt.objects.values_list("record__key", flat=True)) == {"retrying", "fresh"}
     assert Attempt.objects.count() == 2
