@@ -7,6 +7,7 @@ at completion anyway. The thread uses its own database connection and closes it 
 """
 from __future__ import annotations
 
+import contextvars
 import logging
 import threading
 from typing import Any
@@ -31,7 +32,10 @@ class Heartbeat:
         self.fenced = stop_event
         self.beats = 0
         self._done = threading.Event()
-        self._thread = threading.Thread(target=self._run, name=f"heartbeat:{attempt.pk}", daemon=True)
+        # In a copy of the caller's context, so its log lines carry the input, step and attempt.
+        self._thread = threading.Thread(
+            target=contextvars.copy_context().run, args=(self._run,), name=f"heartbeat:{attempt.pk}", daemon=True
+        )
 
     def _run(self) -> None:
         try:

@@ -5,10 +5,12 @@ the conditional UPDATEs inside the services make a second run a no-op.
 """
 from __future__ import annotations
 
+from .observability.logging import log_context_isolated
 from .reconciler import reconcile_once
 from .services.steps import step_run_execute
 
 
+@log_context_isolated
 def step_run_execute_task(step_run_id: int) -> str:
     """Run one step run under the guard; returns what happened (see ``services.steps.Outcome``)."""
     return step_run_execute(step_run_id=int(step_run_id)).outcome

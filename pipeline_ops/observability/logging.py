@@ -68,12 +68,7 @@ def log_context(**fields: Any) -> Iterator[dict[str, Any]]:
     Nested blocks add to (and may override) the outer fields; leaving a block restores them.
     Fields set to None are removed for the block.
     """
-    merged = {**_context.get()}
-    for name, value in fields.items():
-        if value is None:
-            merged.pop(name, None)
-        else:
-            merged[name] = _clean(value)
+    merged = _merged(fields)
     token = _context.set(merged)
     try:
         yield merged
@@ -84,13 +79,18 @@ def log_context(**fields: Any) -> Iterator[dict[str, Any]]:
 def log_context_bind(**fields: Any) -> None:
     """Add ``fields`` to the current context until the enclosing ``log_context`` block or
     ``log_context_isolated`` call ends: the one-line form for code that has no block to wrap."""
+    _context.set(_merged(fields))
+
+
+def _merged(fields: dict[str, Any]) -> dict[str, Any]:
+    """The current context with ``fields`` added; a field set to None is removed."""
     merged = {**_context.get()}
     for name, value in fields.items():
         if value is None:
             merged.pop(name, None)
         else:
             merged[name] = _clean(value)
-    _context.set(merged)
+    return merged
 
 
 def log_context_isolated(func: Callable[P, R]) -> Callable[P, R]:

@@ -29,6 +29,7 @@ from idempotency.policy import NO_RETRY, RetryPolicy
 from idempotency.states import RecordStatus
 
 from ..models import StepOutput, StepRun
+from ..observability.logging import log_context_bind
 from ..queueing import step_run_enqueue
 from ..runner import step_call
 from ..states import InputStatus, StepStatus, step_sources
@@ -125,6 +126,7 @@ def step_run_execute(*, step_run_id: int, now: datetime | None = None) -> StepEx
     step_run = StepRun.objects.select_related("input").filter(pk=step_run_id).first()
     if step_run is None:
         return StepExecution(Outcome.MISSING, step_run_id)
+    log_context_bind(input_id=step_run.input_id, step=step_run.step, key=step_run.idempotency_key)
     if step_run.input.status == InputStatus.CANCELLED or step_run.status == StepStatus.CANCELLED:
         return StepExecution(Outcome.CANCELLED, step_run_id)
     if step_run.status == StepStatus.PENDING:
@@ -167,6 +169,7 @@ def step_run_execute(*, step_run_id: int, now: datetime | None = None) -> StepEx
         return StepExecution(Outcome.FAILED, step_run_id, message=claim.record.error_summary)
 
     attempt = claim.attempt
+    log_context_bind(attempt=attempt.number)
     started = _step_run_start(step_run=step_run, attempt=attempt)
     if started is not None:
         return started

@@ -21,6 +21,7 @@ from idempotency.models import Attempt, IdempotencyRecord
 from idempotency.states import AttemptStatus, RecordStatus
 from pipeline_ops.models import PipelineInput, StepRun
 from pipeline_ops.observability import metrics as metrics_module
+from pipeline_ops.steps import Step, step_register, step_unregister
 from pipeline_ops.observability.logging import (
     JsonFormatter,
     LogContextFilter,
@@ -28,6 +29,10 @@ from pipeline_ops.observability.logging import (
     log_context_bind,
     log_context_isolated,
 )
+from pipeline_ops.tasks import step_run_execute_task
+from idempotency.policy import NO_RETRY
+
+from .conftest import submit
 
 pytestmark = pytest.mark.django_db
 ROOT = Path(__file__).resolve().parents[2]
@@ -376,3 +381,27 @@ def test_healthz_is_200_while_a_real_cluster_beats_and_503_after_it_is_killed(cl
     }
     assert dead.status_code == 503
     assert "no cluster heartbeat" in dead.json()["checks"]["cluster"]["error"]
+
+
+def test_runner_log_lines_carry_input_step_attempt_and_key_when_a_step_logs(settings):
+    logger, stream = _json_logger("tests.ops.runner_step")
+
+    def chatty(ctx):
+        logger.warning("calling the model")
+        return {"ok": True}
+
+    settings.PIPELINES = {**settings.PIPELINES, "ops_chatty": {"description": "test-only", "steps": ["ops_chatty"]}}
+    step_register(Step(name="ops_chatty", func=chatty, policy=NO_RETRY, lease_seconds=30, timeout_seconds=30), replace_existing=True)
+    try:
+        [pipeline_input] = submit("ops_chatty", [{"text": "hello"}])
+        step_run = StepRun.objects.get(input=pipeline_input)
+        assert step_run_execute_task(step_run.pk) == "succeeded"
+        logger.warning("after the task")
+    finally:
+        step_unregister(name="ops_chatty")
+
+    inside, after = (json.loads(line) for line in stream.getvalue().splitlines())
+    assert [inside[f] for f in ("input_id", "step", "attempt", "key")] == [
+        str(pipeline_input.pk), "ops_chatty", 1, f"{pipeline_input.pk}:ops_chatty",
+    ]
+    assert [after[f] for f in ("input_id", "step", "attempt", "key")] == [None, None, None, None]
