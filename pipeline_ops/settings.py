@@ -161,8 +161,10 @@ Q_CLUSTER = {
     "retry": env_int("Q_RETRY_SECONDS", 2 * STEP_TIMEOUT_SECONDS + 120),
     "ack_failures": True,
     "max_attempts": 1,
-    # Our tables hold results; save_limit=250 would lock every Success row per task (~100/s cap).
-    "save_limit": env_int("Q_SAVE_LIMIT", 0),
+    # Our tables hold results and attempts. -1 saves no Task row for a success: save_limit=250
+    # locks every Success row per task (~100/s cap) and 0 keeps every success forever. Failures
+    # (a crashed task function, a hard timeout) are still saved for the admin.
+    "save_limit": env_int("Q_SAVE_LIMIT", -1),
     "catch_up": False,
     "recycle": 500,
     "log_level": os.environ.get("Q_LOG_LEVEL", "WARNING"),

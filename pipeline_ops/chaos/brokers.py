@@ -37,11 +37,11 @@ def use_broker(*, kind: str, queue: str, redis_url: str | None = None) -> Iterat
         Conf.ORM, Conf.REDIS = "default", saved["REDIS"]
     else:
         Conf.ORM, Conf.REDIS = None, redis_url or settings.REDIS_URL
-    queueing._broker.cache_clear()
+    queueing.process_broker.cache_clear()
     try:
         with override_settings(PIPELINE_OPS_BROKER=kind):
             yield get_broker(queue)
     finally:
         for name, value in saved.items():
             setattr(Conf, name, value)
-        queueing._broker.cache_clear()
+        queueing.process_broker.cache_clear()

@@ -189,11 +189,11 @@ def queue_depth() -> QueueDepth:
     """Tasks waiting on the django-q2 queue (ORM: OrmQ rows; Redis: the list length)."""
     from django.conf import settings
 
-    from ..queueing import _broker
+    from ..queueing import process_broker
 
     broker_name = settings.PIPELINE_OPS_BROKER
     try:
-        broker = _broker()
+        broker = process_broker()
         if broker_name == "orm":
             # Straight to the table: the ORM broker's own queue_size() calls
             # close_old_connections() first, which on SQLite (CONN_MAX_AGE=0) closes the
@@ -217,9 +217,9 @@ def cluster_heartbeats(*, now: datetime | None = None) -> list[ClusterHeartbeat]
     try:
         from django_q.status import Stat
 
-        from ..queueing import _broker
+        from ..queueing import process_broker
 
-        stats = Stat.get_all(broker=_broker())
+        stats = Stat.get_all(broker=process_broker())
     except Exception:
         return []
     beats = []

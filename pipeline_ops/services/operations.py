@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import uuid
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -134,7 +134,7 @@ class ActionReport:
                 parts.append(f"{count} {_KIND_PLURAL.get(kind, kind)}")
         return f"{text}, {len(skips)} skipped: " + "; ".join(parts)
 
-    def _add(self, decision: Decision) -> None:
+    def add(self, decision: Decision) -> None:
         self.decisions.append(decision)
         if decision.acts:
             self.done += 1
@@ -297,6 +297,8 @@ def step_runs_retry(
     source: str,
     force: bool = False,
     now: datetime | None = None,
+    rate_per_second: float | None = None,
+    on_decision: Callable[[Decision], None] | None = None,
 ) -> ActionReport:
     """Retry step runs safely; one audit row per step run, in the transaction of its change.
 
@@ -307,7 +309,8 @@ def step_runs_retry(
     * failed or waiting to retry -> the key is reopened, the step QUEUED and enqueued, the input
       back to RUNNING.
 
-    Bulk retries are spread at ``PIPELINE_OPS_RETRY_RATE`` per second: the first goes on the queue
+    Bulk retries are spread at ``rate_per_second`` (default: the ``PIPELINE_OPS_RETRY_RATE``
+    setting; 0 = all at once): the first goes on the queue
     at once, later ones wait as RETRY_WAIT with ``next_attempt_at`` (and the key's ``retry_at``)
     in the future, and the reconciler sends them when due; nothing sleeps here.
 
@@ -318,7 +321,7 @@ def step_runs_retry(
     now = now or timezone.now()
     batch = uuid.uuid4()
     report = ActionReport(action=OperatorAction.Action.FORCE_RETRY if force else OperatorAction.Action.RETRY, verb="queued", batch=batch)
-    rate = retry_rate_per_second()
+    rate = retry_rate_per_second() if rate_per_second is None else max(0.0, rate_per_second)
     for step_run_id in _pks(step_runs):
         delay = (report.done / rate) if rate > 0 else 0.0
         due = now + timedelta(seconds=delay)
@@ -327,9 +330,11 @@ def step_runs_retry(
         )
         if decision is None:
             continue
-        report._add(decision)
+        report.add(decision)
         if decision.acts:
             report.spread_seconds = max(report.spread_seconds, delay)
+        if on_decision is not None:
+            on_decision(decision)
     return report
 
 
@@ -477,7 +482,7 @@ def inputs_cancel(*, inputs: Iterable[PipelineInput], actor, reason: str, source
                 decision=decision, before=before, after=_input_snapshot(pipeline_input) if decision.acts else before,
                 outcome=decision.acts,
             )
-        report._add(decision)
+        report.add(decision)
     return report
 
 
@@ -535,5 +540,5 @@ def step_runs_release_lease(*, step_runs: Iterable[StepRun], actor, reason: str,
                 decision=decision, before=before, after=_step_snapshot(step_run, record) if decision.acts else before,
                 outcome=decision.acts,
             )
-        report._add(decision)
+        report.add(decision)
     return report

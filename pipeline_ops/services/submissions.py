@@ -27,7 +27,7 @@ from ..errors import PipelineOpsError
 from ..models import PipelineInput, StepRun
 from ..pipelines import pipeline_get
 # queueing's per-process broker: the one the chaos harness re-points when it swaps brokers.
-from ..queueing import STEP_TASK, _broker, step_run_enqueue, uses_transactional_broker
+from ..queueing import STEP_TASK, process_broker, step_run_enqueue, uses_transactional_broker
 from ..states import StepStatus
 
 Format = Literal["jsonl", "csv"]
@@ -216,7 +216,7 @@ def _tasks_bulk_enqueue(step_run_ids: list[int]) -> None:
 
     if not step_run_ids:
         return
-    broker = _broker()
+    broker = process_broker()
     packages = []
     for step_run_id in step_run_ids:
         tag = q_uuid()

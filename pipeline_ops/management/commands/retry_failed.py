@@ -3,13 +3,10 @@ import json as json_module
 import re
 import socket
 import uuid
-from contextlib import nullcontext
 from datetime import datetime, timedelta
 
 from django.contrib.auth import get_user_model
 from django.core.management.base import BaseCommand, CommandError
-from django.db.models.signals import post_save
-from django.test.utils import override_settings
 from django.utils import timezone
 from django.utils.dateparse import parse_date, parse_datetime
 
@@ -114,10 +111,9 @@ class Command(BaseCommand):
         if dry_run:
             report = ActionReport(action=OperatorAction.Action.RETRY, verb="would be queued", batch=uuid.uuid4())
             for decision in step_runs_retry_plan(step_runs=step_runs, now=now):
-                report._add(decision)
+                report.add(decision)
         else:
-            rate_override = override_settings(PIPELINE_OPS_RETRY_RATE=rate) if rate is not None else nullcontext()
-            report = self._retry(step_runs=step_runs, actor=actor, reason=reason, rate_override=rate_override, progress=progress)
+            report = self._retry(step_runs=step_runs, actor=actor, reason=reason, rate=rate, progress=progress)
         if json:
             self.stdout.write(json_module.dumps(self._as_dict(report, dry_run=dry_run, matched=len(step_runs), error_types=error_types)))
             return
@@ -129,20 +125,14 @@ class Command(BaseCommand):
         if not dry_run:
             self.stdout.write(f"Audit batch {report.batch} (admin: Operator actions).")
 
-    def _retry(self, *, step_runs, actor, reason, rate_override, progress):
+    def _retry(self, *, step_runs, actor, reason, rate, progress):
         bar = progress_bar(total=len(step_runs), desc="retry", unit="step", enabled=progress, stream=self.stderr._out)
-
-        # One audit row is written per step run, in its own transaction: count them for the bar.
-        def tick(sender, instance, created, **kwargs):
-            if created and instance.source == SOURCE:
-                bar.update(1)
-
-        post_save.connect(tick, sender=OperatorAction, weak=False)
         try:
-            with rate_override:
-                return step_runs_retry(step_runs=step_runs, actor=actor, reason=reason, source=SOURCE)
+            return step_runs_retry(
+                step_runs=step_runs, actor=actor, reason=reason, source=SOURCE, rate_per_second=rate,
+                on_decision=lambda decision: bar.update(1),
+            )
         finally:
-            post_save.disconnect(tick, sender=OperatorAction)
             bar.close()
 
     @staticmethod
