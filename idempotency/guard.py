@@ -125,6 +125,7 @@ def claim(
     max_attempts: int | None = None,
     worker: str | None = None,
     now: datetime | None = None,
+    on_claimed: Callable[[Attempt], Any] | None = None,
 ) -> ClaimOutcome:
     """Take the key for a new attempt, or say why not.
 
@@ -132,6 +133,11 @@ def claim(
     and a conflict is decided under a row lock on the existing record. Each claim raises
     ``attempt_count``; the new Attempt gets that number. ``max_attempts`` bounds takeovers of
     expired leases (a worker that keeps dying mid-step is dead-lettered as FAILED).
+
+    ``on_claimed(attempt)`` runs inside the claim's transaction, right after the new attempt is
+    written, so the caller's own "started" bookkeeping commits with the claim (one commit, not
+    two). If it raises, the claim is rolled back (no attempt; the record as it was) and the
+    exception propagates.
 
     Never raises for a busy or used key: the outcome says so.
     """
@@ -151,17 +157,27 @@ def claim(
         )
         attempt = Attempt(record=record, number=1, worker=worker, started_at=now)
         try:
-            _insert_new(record, attempt)
+            if on_claimed is None:
+                _insert_new(record, attempt)
+            else:
+                # Our atomic block is the transaction (or the caller's savepoint): a unique
+                # violation rolls it back whole, so the insert needs no savepoint of its own.
+                with transaction.atomic():
+                    _insert_new(record, attempt, savepoint=False)
+                    on_claimed(attempt)
             return Claimed(attempt)
         except IntegrityError:
             pass  # the key exists: decide below, under its row lock
         with transaction.atomic():
             record = IdempotencyRecord.objects.select_for_update().filter(scope=scope, key=key).first()
             if record is not None:
-                return _claim_existing(
+                outcome = _claim_existing(
                     record, operation=operation, fingerprint=fingerprint, lease=lease,
                     max_attempts=max_attempts, worker=worker, now=now,
                 )
+                if on_claimed is not None and isinstance(outcome, Claimed):
+                    on_claimed(outcome.attempt)
+                return outcome
         # Purged between our insert and our lock: insert again.
     raise RuntimeError(f"could not claim {scope}/{key}: the record kept disappearing")
 
@@ -441,8 +457,10 @@ def _mark_saved(connection, *instances) -> None:
         instance._state.adding, instance._state.db = False, connection.alias
 
 
-def _insert_new(record: IdempotencyRecord, attempt: Attempt) -> None:
-    """Insert a new key's record and its attempt #1 atomically. Raises IntegrityError if the key exists."""
+def _insert_new(record: IdempotencyRecord, attempt: Attempt, *, savepoint: bool = True) -> None:
+    """Insert a new key's record and its attempt #1 atomically. Raises IntegrityError if the key exists.
+
+    ``savepoint=False``: the caller's atomic block is rolled back on a unique violation anyway."""
     connection = _db_for(IdempotencyRecord)
     if connection.vendor not in _FAST_VENDORS:
         with transaction.atomic(using=connection.alias):
@@ -463,7 +481,7 @@ def _insert_new(record: IdempotencyRecord, attempt: Attempt) -> None:
         )
         # In autocommit the statement is its own transaction; inside a caller's transaction a
         # savepoint keeps a unique violation from poisoning it.
-        block = transaction.atomic(using=connection.alias) if connection.in_atomic_block else nullcontext()
+        block = transaction.atomic(using=connection.alias) if connection.in_atomic_block and savepoint else nullcontext()
         with block, connection.cursor() as cursor:
             cursor.execute(sql, values + a_values)
             record.pk = cursor.fetchone()[0]

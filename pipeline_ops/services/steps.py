@@ -63,20 +63,16 @@ class StepExecution:
     message: str = ""
 
 
-class StepCancelledError(Exception):
-    """The step was cancelled between the claim and the start."""
-
-
 class StepNotRunnableError(Exception):
-    """The step is not in a state a run may start from (e.g. PENDING)."""
+    """At its claim the step was no longer in a state a run may start from (e.g. cancelled)."""
+
+    def __init__(self, status: str | None):
+        self.status = status
+        super().__init__(f"step is {status}, not runnable")
 
 
 class StepNoLongerRunningError(Exception):
     """At completion the step run was no longer QUEUED/RUNNING although the attempt held the key."""
-
-
-# A claim that finds its step not runnable hands the key straight back: FAILED, retry due now.
-_RETRY_NOW = RetryPolicy(max_attempts=10**9, backoff_base_seconds=0, jitter=False, is_transient=lambda exc: True)
 
 
 def step_fingerprint(*, pipeline: str, step: str, payload, outputs: dict) -> str:
@@ -142,15 +138,23 @@ def step_run_execute(*, step_run_id: int, now: datetime | None = None) -> StepEx
     outputs = dict(
         StepOutput.objects.filter(input_id=step_run.input_id, step_run__position__lt=step_run.position).values_list("step", "output")
     ) if step_run.position else {}
-    claim = guard.claim(
-        scope=STEP_SCOPE,
-        key=step_run.idempotency_key,
-        operation=f"step:{step_run.step}",
-        fingerprint=step_fingerprint(pipeline=step_run.input.pipeline, step=step_run.step, payload=step_run.input.payload, outputs=outputs),
-        lease_seconds=step.lease_seconds,
-        max_attempts=step.policy.max_attempts,
-        now=claim_now,
-    )
+    try:
+        claim = guard.claim(
+            scope=STEP_SCOPE,
+            key=step_run.idempotency_key,
+            operation=f"step:{step_run.step}",
+            fingerprint=step_fingerprint(pipeline=step_run.input.pipeline, step=step_run.step, payload=step_run.input.payload, outputs=outputs),
+            lease_seconds=step.lease_seconds,
+            max_attempts=step.policy.max_attempts,
+            now=claim_now,
+            # The step's RUNNING commits with the claim: one commit per start, not two.
+            on_claimed=lambda attempt: _step_run_start(step_run=step_run, attempt=attempt),
+        )
+    except StepNotRunnableError as exc:
+        # Cancelled (or otherwise moved) between our read and our claim: the claim was rolled
+        # back, so no attempt exists and the key is as it was.
+        outcome = Outcome.CANCELLED if exc.status == StepStatus.CANCELLED else Outcome.NOT_RUNNABLE
+        return StepExecution(outcome, step_run_id, message=f"step is {exc.status}")
     if isinstance(claim, guard.Replay):
         # complete() moved this step to SUCCEEDED and queued the next one in its transaction;
         # this only closes a gap if something (an operator, a lost message) left the chain open.
@@ -170,9 +174,6 @@ def step_run_execute(*, step_run_id: int, now: datetime | None = None) -> StepEx
 
     attempt = claim.attempt
     log_context_bind(attempt=attempt.number)
-    started = _step_run_start(step_run=step_run, attempt=attempt)
-    if started is not None:
-        return started
     ctx = StepContext(
         step=step_run.step, step_run_id=step_run.pk, input_id=str(step_run.input_id),
         idempotency_key=step_run.idempotency_key, attempt_number=attempt.number,
@@ -186,27 +187,21 @@ def step_run_execute(*, step_run_id: int, now: datetime | None = None) -> StepEx
     return _step_run_complete(step_run=step_run, step=step, attempt=attempt, output=output, details=ctx.details)
 
 
-def _step_run_start(*, step_run: StepRun, attempt: Attempt) -> StepExecution | None:
-    """Move the step to RUNNING for ``attempt``; None if it may run, else why it may not."""
+def _step_run_start(*, step_run: StepRun, attempt: Attempt) -> None:
+    """Move the step to RUNNING for ``attempt``, inside the claim's transaction.
+
+    Raises StepNotRunnableError (rolling the claim back) when the step is no longer runnable.
+    """
     now = timezone.now()
-    with transaction.atomic():
-        moved = StepRun.objects.filter(pk=step_run.pk, status__in=step_sources(StepStatus.RUNNING)).update(
-            status=StepStatus.RUNNING, attempts_used=F("attempts_used") + 1,
-            started_at=Coalesce(F("started_at"), Value(now)), next_attempt_at=None,
-            idempotency_record_id=attempt.record_id, updated_at=now,
-        )
-        if moved and step_run.input.status != InputStatus.RUNNING:
-            # Only the first start changes the input (PENDING -> RUNNING): spare the others a query.
-            input_roll_up(input_id=step_run.input_id, now=now)
-    if moved:
-        return None
-    status = StepRun.objects.filter(pk=step_run.pk).values_list("status", flat=True).first()
-    if status == StepStatus.CANCELLED:
-        # input_cancel ran between our check and our claim: end the attempt for good.
-        guard.fail(attempt=attempt, error=StepCancelledError("the input was cancelled"), policy=NO_RETRY)
-        return StepExecution(Outcome.CANCELLED, step_run.pk, attempt.number)
-    guard.fail(attempt=attempt, error=StepNotRunnableError(f"step is {status}, not runnable"), policy=_RETRY_NOW)
-    return StepExecution(Outcome.NOT_RUNNABLE, step_run.pk, attempt.number, message=f"step is {status}")
+    moved = StepRun.objects.filter(pk=step_run.pk, status__in=step_sources(StepStatus.RUNNING)).update(
+        status=StepStatus.RUNNING, attempts_used=F("attempts_used") + 1,
+        started_at=Coalesce(F("started_at"), Value(now)), next_attempt_at=None,
+        idempotency_record_id=attempt.record_id, updated_at=now,
+    )
+    if not moved:
+        status = StepRun.objects.filter(pk=step_run.pk).values_list("status", flat=True).first()
+        raise StepNotRunnableError(status)
+    input_roll_up(input_id=step_run.input_id, now=now)
 
 
 def _step_run_complete(*, step_run: StepRun, step: Step, attempt: Attempt, output: dict, details: dict) -> StepExecution:

@@ -392,3 +392,49 @@ def test_stale_attempt_cannot_move_another_key_when_its_record_id_is_reused(reco
     other = record_of("other")
     assert (other.status, other.attempt_count, other.lease_expires_at) == (RecordStatus.PROCESSING, 1, at(30))
     assert guard.complete(attempt=newcomer, result={"ok": True}, now=at(5)).fenced is False
+
+
+# --- on_claimed: the caller's bookkeeping commits with the claim ------------------------------------
+
+
+class Refused(Exception):
+    pass
+
+
+def test_on_claimed_commits_with_the_claim_when_it_succeeds(record_of):
+    outcome = guard.claim(
+        scope="test", key="k", operation=OPERATION, fingerprint=FP, lease_seconds=LEASE_SECONDS, now=at(0),
+        on_claimed=lambda attempt: Receipt.objects.create(key="started-k", amount=0, attempt_number=attempt.number),
+    )
+
+    assert isinstance(outcome, guard.Claimed)
+    assert Receipt.objects.get(key="started-k").attempt_number == 1
+    assert record_of("k").attempt_count == 1
+
+
+def test_on_claimed_rolls_the_claim_back_when_it_raises_on_a_new_key():
+    def refuse(attempt):
+        Receipt.objects.create(key="started-k", amount=0, attempt_number=attempt.number)
+        raise Refused
+
+    with pytest.raises(Refused):
+        guard.claim(scope="test", key="k", operation=OPERATION, fingerprint=FP, now=at(0), on_claimed=refuse)
+
+    assert not IdempotencyRecord.objects.filter(key="k").exists()
+    assert not Attempt.objects.exists()
+    assert not Receipt.objects.exists()
+    assert isinstance(claim("k", now=at(1)), guard.Claimed)  # the key is free
+
+
+def test_on_claimed_rolls_a_takeover_back_when_it_raises(record_of, attempt_statuses):
+    claimed("k", now=at(0))  # attempt #1, lease until at(30)
+
+    with pytest.raises(Refused):
+        guard.claim(
+            scope="test", key="k", operation=OPERATION, fingerprint=FP, lease_seconds=LEASE_SECONDS, now=at(60),
+            on_claimed=lambda attempt: (_ for _ in ()).throw(Refused()),
+        )
+
+    record = record_of("k")
+    assert (record.status, record.attempt_count, record.lease_expires_at) == (RecordStatus.PROCESSING, 1, at(LEASE_SECONDS))
+    assert attempt_statuses("k") == {1: AttemptStatus.RUNNING}

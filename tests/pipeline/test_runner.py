@@ -238,6 +238,27 @@ def test_queued_step_never_runs_when_input_is_cancelled_before_it_starts():
     assert not IdempotencyRecord.objects.filter(scope="step").exists()
 
 
+def test_claim_is_rolled_back_when_input_is_cancelled_between_read_and_claim(monkeypatch):
+    """The runner reads the step as QUEUED, then an operator cancels, then the runner claims: the
+    step's RUNNING move fails inside the claim's transaction, so no attempt and no record remain."""
+    from idempotency import guard
+
+    pipeline_input = submit()
+    real_claim = guard.claim
+
+    def claim_after_a_cancel(**kwargs):
+        input_cancel(pipeline_input=pipeline_input)
+        return real_claim(**kwargs)
+
+    monkeypatch.setattr(guard, "claim", claim_after_a_cancel)
+    first = StepRun.objects.get(input=pipeline_input, position=0)
+
+    assert step_run_execute_task(first.pk) == Outcome.CANCELLED
+    assert not IdempotencyRecord.objects.filter(scope="step").exists()
+    assert not Attempt.objects.exists()
+    assert set(StepRun.objects.filter(input=pipeline_input).values_list("status", flat=True)) == {StepStatus.CANCELLED}
+
+
 @threaded
 def test_heartbeat_keeps_lease_when_step_outlives_a_third_of_it(test_steps, pipeline):
     def patient(ctx):
