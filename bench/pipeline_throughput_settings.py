@@ -26,9 +26,15 @@ def _register() -> None:
 _register()
 
 
-def bare_noop(i: int, position: int) -> None:
-    """The baseline: a plain django-q2 task that does nothing but enqueue the next of three."""
+def bare_noop(i: int, position: int, chain: str) -> None:
+    """The baseline: a plain django-q2 task that does nothing but enqueue the next of three; the
+    last one marks its chain done (django-q2 saves no success rows with the product's settings)."""
     if position + 1 < len(BENCH_STEPS):
         from django_q.tasks import async_task
 
-        async_task("pipeline_throughput_settings.bare_noop", i, position + 1, group="bench_bare")
+        async_task("pipeline_throughput_settings.bare_noop", i, position + 1, chain, group="bench_bare")
+        return
+    from django.db import connection
+
+    with connection.cursor() as cursor:
+        cursor.execute("INSERT INTO bench_bare_done (chain) VALUES (%s)", [chain])
