@@ -201,7 +201,10 @@ def _step_run_start(*, step_run: StepRun, attempt: Attempt) -> None:
     if not moved:
         status = StepRun.objects.filter(pk=step_run.pk).values_list("status", flat=True).first()
         raise StepNotRunnableError(status)
-    input_roll_up(input_id=step_run.input_id, now=now)
+    if step_run.input.status != InputStatus.RUNNING:
+        # A started step rolls an input up to RUNNING; one already RUNNING stays so (an
+        # aggregate and an UPDATE saved on every step after the first).
+        input_roll_up(input_id=step_run.input_id, now=now)
 
 
 def _step_run_complete(*, step_run: StepRun, step: Step, attempt: Attempt, output: dict, details: dict) -> StepExecution:
