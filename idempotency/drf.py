@@ -30,8 +30,8 @@ same key, other method/path/body                      422 ``idempotency_key_reus
 handler raised or answered >= 400                     nothing stored, key free for an immediate retry
 ====================================================  ===========================================
 
-This module must never import ``pipeline_ops``: domain errors of other apps are rendered by duck
-typing (any exception with ``status_code`` and ``code`` attributes).
+This module must never import ``pipeline_ops``: other apps' domain errors derive from
+``idempotency.errors.CodedError`` (``status_code`` and ``code``), which the handler renders.
 """
 from __future__ import annotations
 
@@ -54,7 +54,7 @@ from rest_framework.renderers import JSONRenderer
 from rest_framework.response import Response
 
 from . import conf, guard
-from .errors import AttemptFencedError, IdempotencyError, KeyFailedError, KeyInProgressError, KeyMalformedError, KeyMissingError, KeyReusedError
+from .errors import AttemptFencedError, CodedError, KeyFailedError, KeyInProgressError, KeyMalformedError, KeyMissingError, KeyReusedError
 from .fingerprint import fingerprint
 from .models import IdempotencyRecord
 from .policy import RetryPolicy
@@ -416,8 +416,8 @@ def _flatten_errors(detail: Any, path: str = "") -> list[dict]:
 def problem_exception_handler(exc: Exception, context: dict) -> HttpResponse:
     """DRF ``EXCEPTION_HANDLER``: every error as problem+json with a stable ``code``.
 
-    Handles this app's errors, DRF's, Django's 404/403/too-big, any exception carrying
-    ``status_code`` and ``code`` (other apps' domain errors), and anything else as a logged 500.
+    Handles ``CodedError`` (this app's errors and other apps' domain errors derived from it), DRF's,
+    Django's 404/403/too-big, and anything else as a logged 500.
     """
     headers: dict[str, str] = {}
     if isinstance(exc, Http404):
@@ -426,17 +426,13 @@ def problem_exception_handler(exc: Exception, context: dict) -> HttpResponse:
         exc = drf_exceptions.PermissionDenied()
     if isinstance(exc, RequestDataTooBig):
         return problem_response(status=413, code="payload_too_large", title="Payload too large", detail=str(exc))
-    if isinstance(exc, IdempotencyError) or (
-        not isinstance(exc, drf_exceptions.APIException) and isinstance(getattr(exc, "code", None), str) and isinstance(getattr(exc, "status_code", None), int)
-    ):
+    if isinstance(exc, CodedError):
         retry_after = getattr(exc, "retry_after", None)
         if retry_after:
             headers["Retry-After"] = str(int(retry_after))
-        message = getattr(exc, "message", None) or str(exc)
-        extra = getattr(exc, "detail", None) or {}
         return problem_response(
-            status=exc.status_code, code=exc.code, title=getattr(exc, "default_message", None) or type(exc).__name__,
-            detail=message, headers=headers, **({"errors": extra} if extra else {}),
+            status=exc.status_code, code=exc.code, title=exc.default_message, detail=exc.message,
+            headers=headers, **({"errors": exc.detail} if exc.detail else {}),
         )
     if isinstance(exc, drf_exceptions.APIException):
         code, title = _api_code(exc)

@@ -7,15 +7,27 @@ from __future__ import annotations
 from datetime import datetime
 
 
-class IdempotencyError(Exception):
+class CodedError(Exception):
+    """An error with an HTTP meaning (``status_code``) and a stable ``code``.
+
+    ``idempotency.drf.problem_exception_handler`` renders any subclass as problem+json: other
+    apps derive their domain errors from it rather than re-implementing the shape.
+    """
+
     status_code = 400
-    code = "idempotency_error"
-    default_message = "The idempotency key could not be used."
+    code = "error"
+    default_message = "The request could not be processed."
 
     def __init__(self, message: str | None = None, *, detail: dict | None = None):
         self.message = message or self.default_message
         self.detail = detail or {}
         super().__init__(self.message)
+
+
+class IdempotencyError(CodedError):
+    status_code = 400
+    code = "idempotency_error"
+    default_message = "The idempotency key could not be used."
 
 
 class KeyMissingError(IdempotencyError):

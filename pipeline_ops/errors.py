@@ -1,16 +1,11 @@
 """Domain errors of pipeline-ops, each with its HTTP meaning and a stable ``code``, in one place."""
 from __future__ import annotations
 
+from idempotency.errors import CodedError
 
-class PipelineOpsError(Exception):
-    status_code = 400
+
+class PipelineOpsError(CodedError):
     code = "pipeline_ops_error"
-    default_message = "The request could not be processed."
-
-    def __init__(self, message: str | None = None, *, detail: dict | None = None):
-        self.message = message or self.default_message
-        self.detail = detail or {}
-        super().__init__(self.message)
 
 
 class UnknownPipelineError(PipelineOpsError):
