@@ -80,7 +80,7 @@ def main() -> int:
             cwd=ROOT, env=env,
         )
         base = f"http://127.0.0.1:{port}"
-        _wait_up(base, gunicorn)
+        _wait_up(base, gunicorn, token)
         return run(args, base, token)
     finally:
         if gunicorn is not None:
@@ -100,15 +100,17 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _wait_up(base: str, process: subprocess.Popen) -> None:
+def _wait_up(base: str, process: subprocess.Popen, token: str) -> None:
     import requests
 
+    # Authenticated, so the probe itself does not log an "Unauthorized" warning.
+    headers = {"Authorization": f"Token {token}"}
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise SystemExit(f"gunicorn exited with {process.returncode}")
         try:
-            requests.get(f"{base}/api/v1/pipelines/", timeout=2)
+            requests.get(f"{base}/api/v1/pipelines/", headers=headers, timeout=2)
             return
         except requests.ConnectionError:
             time.sleep(0.2)
