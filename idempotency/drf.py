@@ -225,7 +225,10 @@ def idempotent_call(
                     waited = True
                     _wait_for_change(record, deadline=deadline)
                     continue
-                raise KeyInProgressError(until=until, retry_after=outcome.retry_after_seconds())
+                raise KeyInProgressError(
+                    until=until, retry_after=outcome.retry_after_seconds(),
+                    waited_seconds=int(wait_seconds) if waited else None,
+                )
             case guard.Mismatch():
                 raise KeyReusedError()
             case guard.Failed(record=record):
@@ -430,6 +433,10 @@ def problem_exception_handler(exc: Exception, context: dict) -> HttpResponse:
         retry_after = getattr(exc, "retry_after", None)
         if retry_after:
             headers["Retry-After"] = str(int(retry_after))
+        waited = getattr(exc, "waited_seconds", None)
+        if waited is not None:
+            # RFC 7240: the wait was honoured (as capped) before the answer was still 409.
+            headers["Preference-Applied"] = f"wait={waited}"
         return problem_response(
             status=exc.status_code, code=exc.code, title=exc.default_message, detail=exc.message,
             headers=headers, **({"errors": exc.detail} if exc.detail else {}),

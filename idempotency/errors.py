@@ -49,9 +49,14 @@ class KeyInProgressError(IdempotencyError):
     code = "idempotency_key_in_progress"
     default_message = "A request with this Idempotency-Key is still being processed; retry later."
 
-    def __init__(self, message: str | None = None, *, until: datetime | None = None, retry_after: int = 1, detail: dict | None = None):
+    def __init__(
+        self, message: str | None = None, *, until: datetime | None = None, retry_after: int = 1,
+        waited_seconds: int | None = None, detail: dict | None = None,
+    ):
         self.until = until
         self.retry_after = max(1, int(retry_after))
+        # Set when the request asked ``Prefer: wait=N`` and was held that long (capped) first.
+        self.waited_seconds = waited_seconds
         super().__init__(message, detail=detail)
 
 

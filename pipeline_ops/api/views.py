@@ -90,8 +90,9 @@ RESPONSE_HEADERS = [
                      description="URL of the input (GET it to follow the input's fate)."),
     OpenApiParameter(name="Idempotent-Replayed", location=OpenApiParameter.HEADER, type=OpenApiTypes.STR, response=[200, 201],
                      enum=["true"], description="`true` when this is the stored response of an earlier request with the same key."),
-    OpenApiParameter(name="Preference-Applied", location=OpenApiParameter.HEADER, type=OpenApiTypes.STR, response=[200, 201],
-                     description="`wait=N` when the server honoured `Prefer: wait=N` and waited for the first request."),
+    OpenApiParameter(name="Preference-Applied", location=OpenApiParameter.HEADER, type=OpenApiTypes.STR, response=[200, 201, 409],
+                     description="`wait=N` when the server honoured `Prefer: wait=N` (N as capped) and waited for the first "
+                     "request; on a 409 the first was still running when the wait ran out."),
     OpenApiParameter(name="Retry-After", location=OpenApiParameter.HEADER, type=OpenApiTypes.INT, response=[409, 429],
                      description="Seconds to wait before retrying (the first request's lease, or the throttle window)."),
 ]

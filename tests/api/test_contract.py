@@ -119,6 +119,7 @@ def test_same_key_is_refused_with_409_and_retry_after_when_the_first_is_still_ru
     assert response.status_code == 409
     assert problem(response)["code"] == "idempotency_key_in_progress"
     assert 1 <= int(response["Retry-After"]) <= 60
+    assert "Preference-Applied" not in response  # nothing asked to wait, nothing waited
     assert PipelineInput.objects.count() == 0
 
 
@@ -129,6 +130,8 @@ def test_prefer_wait_still_answers_409_when_the_first_does_not_finish_within_the
     response = submit(client, BODY, key="busy", HTTP_PREFER="wait=30")
     assert response.status_code == 409
     assert problem(response)["code"] == "idempotency_key_in_progress"
+    # It did wait before answering, and only as long as the setting allows, not the 30 s asked.
+    assert response["Preference-Applied"] == "wait=1"
 
 
 # --- 422: same key, other request ----------------------------------------------------------

@@ -175,6 +175,7 @@ def test_late_completion_is_fenced_when_lease_was_taken_over(test_steps, pipelin
     pipeline_input = submit(pipeline("gated_pipe", ["gated", "preprocess"]))
     gated_run, next_run = steps_of(pipeline_input)
     drain_rows = queue_rows()
+    assert len(drain_rows) == 1  # the submit queued the first step's task, and nothing else
     first_worker = StepThread(gated_run.pk)
     first_worker.start()
     wait_for(lambda: StepRun.objects.filter(pk=gated_run.pk, status=StepStatus.RUNNING).exists(), message="attempt 1 running")
@@ -193,7 +194,6 @@ def test_late_completion_is_fenced_when_lease_was_taken_over(test_steps, pipelin
     assert first.status == AttemptStatus.FENCED and second.status == AttemptStatus.SUCCEEDED
     # The next step was queued once, by the winner.
     assert queued_ids().count(next_run.pk) == 1
-    assert len(drain_rows) == 1
     gated_run.refresh_from_db()
     assert gated_run.status == StepStatus.SUCCEEDED and gated_run.attempts_used == 2
     assert integrity_check().ok
