@@ -130,6 +130,24 @@ def test_forced_retry_is_hidden_when_the_operator_may_only_retry():
     assert 'value="force_retry_steps"' not in page and 'value="release_leases"' not in page
 
 
+def test_forced_retry_is_refused_and_the_live_attempt_kept_when_the_operator_may_only_retry():
+    client = login(operator("bob", "retry_steprun"))
+    step_run = first_step(submit())
+    live = claim_step(step_run, worker="gpu-7:4242", lease_seconds=300)
+
+    # A hand-made POST of the hidden action, confirmation included: Django refuses the action.
+    client.post(
+        changelist("pipeline_ops_steprun"),
+        {"action": "force_retry_steps", "_selected_action": [step_run.pk], "post": "yes", "reason": "sneaky"},
+    )
+
+    live.refresh_from_db()
+    assert live.status == AttemptStatus.RUNNING
+    assert IdempotencyRecord.objects.get(pk=live.record_id).status == RecordStatus.PROCESSING
+    assert Attempt.objects.filter(record_id=live.record_id).count() == 1
+    assert not OperatorAction.objects.exists()
+
+
 def test_retry_action_confirms_requires_a_reason_then_logs_and_reports_when_permitted():
     alice = operator("alice", "retry_steprun")
     _, failed_step, _ = failed_input()

@@ -29,7 +29,7 @@ def main() -> None:
 
     from idempotency import guard
     from idempotency.models import Attempt
-    from tests.testapp.models import Receipt
+    from tests.testapp.models import Charge
 
     connection.ensure_connection()  # connect before the barrier, not during the race
     answer({"up": True})
@@ -52,7 +52,7 @@ def main() -> None:
             key = command["key"]
             done = guard.complete(
                 attempt=attempt, result={"by": attempt.number},
-                write=lambda: Receipt.objects.create(key=key, amount=5, attempt_number=attempt.number),
+                write=lambda: Charge.objects.create(key=key, attempt_number=attempt.number),
                 now=now,
             )
             answer({"number": attempt.number, "fenced": done.fenced, "result": done.result})
