@@ -4,7 +4,7 @@ from __future__ import annotations
 from datetime import timedelta
 
 import pytest
-from django.db import transaction
+from django.db import DatabaseError, connection, transaction
 from django.test import override_settings
 from django.utils import timezone
 from django_q.models import OrmQ
@@ -161,22 +161,34 @@ def test_retry_skips_cancelled_and_not_started_steps_when_mixed(alice):
     assert OperatorAction.objects.filter(batch=report.batch).count() == 3
 
 
-def test_no_move_and_no_audit_row_when_the_enqueue_fails(alice, monkeypatch):
+def _queue_refuses_tasks() -> None:
+    """A real failure at the last moment: the database refuses django-q2's queue row (the ORM
+    broker's enqueue is an INSERT in the retry's own transaction). Undone with the test's
+    transaction: DDL is transactional on SQLite and PostgreSQL."""
+    table = OrmQ._meta.db_table
+    with connection.cursor() as cursor:
+        if connection.vendor == "sqlite":
+            cursor.execute(f"CREATE TRIGGER queue_refuses BEFORE INSERT ON {table} BEGIN SELECT RAISE(ABORT, 'queue refused'); END")
+        else:
+            cursor.execute("CREATE FUNCTION queue_refuses() RETURNS trigger AS $$ BEGIN RAISE EXCEPTION 'queue refused'; END $$ LANGUAGE plpgsql")
+            cursor.execute(f"CREATE TRIGGER queue_refuses BEFORE INSERT ON {table} FOR EACH ROW EXECUTE FUNCTION queue_refuses()")
+
+
+def test_no_move_and_no_audit_row_when_the_enqueue_fails(alice):
     """The audit row is written in the transaction of the change: a failure at the last moment
     (the broker refusing the task) rolls back the guard's reopen, the step's move and the row."""
     _, step_run, attempt = failed_input()
+    queued_before = set(OrmQ.objects.values_list("pk", flat=True))  # the submit's own task
+    _queue_refuses_tasks()
 
-    def broker_down(**kwargs):
-        raise ConnectionError("broker down")
-
-    monkeypatch.setattr(operations, "step_run_enqueue", broker_down)
-    with pytest.raises(ConnectionError):
+    with pytest.raises(DatabaseError, match="queue refused"):
         operations.step_runs_retry(step_runs=[step_run], actor=alice, reason="try", source="admin")
 
     step_run.refresh_from_db()
     assert step_run.status == StepStatus.FAILED
     assert IdempotencyRecord.objects.get(pk=attempt.record_id).retry_at is None
     assert not OperatorAction.objects.exists()
+    assert set(OrmQ.objects.values_list("pk", flat=True)) == queued_before
 
 
 def test_audit_rows_commit_with_the_change_when_the_caller_rolls_back(alice):
