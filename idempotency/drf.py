@@ -54,7 +54,10 @@ from rest_framework.renderers import JSONRenderer
 from rest_framework.response import Response
 
 from . import conf, guard
-from .errors import AttemptFencedError, CodedError, KeyFailedError, KeyInProgressError, KeyMalformedError, KeyMissingError, KeyReusedError
+from .errors import (
+    AttemptFencedError, CodedError, KeyFailedError, KeyInProgressError, KeyMalformedError, KeyMissingError, KeyReusedError,
+    preference_applied_wait,
+)
 from .fingerprint import fingerprint
 from .models import IdempotencyRecord
 from .policy import RetryPolicy
@@ -234,7 +237,7 @@ def idempotent_call(
             case guard.Failed(record=record):
                 raise KeyFailedError(detail={"error": record.error_summary})
     if waited:
-        response["Preference-Applied"] = f"wait={int(wait_seconds)}"
+        response["Preference-Applied"] = preference_applied_wait(wait_seconds)
     return response
 
 
@@ -430,13 +433,7 @@ def problem_exception_handler(exc: Exception, context: dict) -> HttpResponse:
     if isinstance(exc, RequestDataTooBig):
         return problem_response(status=413, code="payload_too_large", title="Payload too large", detail=str(exc))
     if isinstance(exc, CodedError):
-        retry_after = getattr(exc, "retry_after", None)
-        if retry_after:
-            headers["Retry-After"] = str(int(retry_after))
-        waited = getattr(exc, "waited_seconds", None)
-        if waited is not None:
-            # RFC 7240: the wait was honoured (as capped) before the answer was still 409.
-            headers["Preference-Applied"] = f"wait={waited}"
+        headers.update(exc.response_headers())
         return problem_response(
             status=exc.status_code, code=exc.code, title=exc.default_message, detail=exc.message,
             headers=headers, **({"errors": exc.detail} if exc.detail else {}),

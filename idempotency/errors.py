@@ -23,6 +23,15 @@ class CodedError(Exception):
         self.detail = detail or {}
         super().__init__(self.message)
 
+    def response_headers(self) -> dict[str, str]:
+        """Headers the HTTP answer to this error carries (e.g. ``Retry-After``)."""
+        return {}
+
+
+def preference_applied_wait(seconds: float) -> str:
+    """The ``Preference-Applied`` value for a honoured ``Prefer: wait`` (RFC 7240)."""
+    return f"wait={int(seconds)}"
+
 
 class IdempotencyError(CodedError):
     status_code = 400
@@ -58,6 +67,13 @@ class KeyInProgressError(IdempotencyError):
         # Set when the request asked ``Prefer: wait=N`` and was held that long (capped) first.
         self.waited_seconds = waited_seconds
         super().__init__(message, detail=detail)
+
+    def response_headers(self) -> dict[str, str]:
+        headers = {"Retry-After": str(self.retry_after)}
+        if self.waited_seconds is not None:
+            # The wait was honoured (as capped), and the first was still running when it ran out.
+            headers["Preference-Applied"] = preference_applied_wait(self.waited_seconds)
+        return headers
 
 
 class KeyReusedError(IdempotencyError):

@@ -161,6 +161,7 @@ def test_every_input_terminal_and_integrity_clean_when_one_of_two_hosts_is_kille
     # host-a and nothing had to bring it back. Every other step open at the crash must have
     # been re-sent by the reconciler; a step host-b finished without a re-send would be a task
     # that survived on a Redis broker that forgets popped tasks, i.e. a bug in this test's model.
+    assert killed_open, "the busy steps of host-a had all finished when it was killed"
     host_a_pids = pids_seen["host-a"]
     recovered = []
     for step_run in StepRun.objects.filter(pk__in=killed_open):
