@@ -19,11 +19,12 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from django.db import IntegrityError, connections, router, transaction
-from django.db.models import Exists, F, OuterRef, Value
+from django.db.models import DateTimeField, Exists, ExpressionWrapper, F, OuterRef, Value
 from django.db.models.functions import Greatest
 from django.utils import timezone
 
 from . import conf
+from .clock import db_now, db_now_expression
 from .models import Attempt, IdempotencyRecord
 from .policy import NO_RETRY, RetryPolicy
 from .states import AttemptStatus, RecordStatus, attempt_sources
@@ -126,6 +127,7 @@ def claim(
     worker: str | None = None,
     now: datetime | None = None,
     on_claimed: Callable[[Attempt], Any] | None = None,
+    lock_first: Callable[[], Any] | None = None,
 ) -> ClaimOutcome:
     """Take the key for a new attempt, or say why not.
 
@@ -134,51 +136,63 @@ def claim(
     ``attempt_count``; the new Attempt gets that number. ``max_attempts`` bounds takeovers of
     expired leases (a worker that keeps dying mid-step is dead-lettered as FAILED).
 
+    ``lock_first()`` runs first in the claim's transaction: it locks the caller's own rows that
+    ``on_claimed`` will write, so they are locked *before* the key, as every other transaction
+    that touches both locks them (the lock order, ``docs/guard.md``).
     ``on_claimed(attempt)`` runs inside the claim's transaction, right after the new attempt is
     written, so the caller's own "started" bookkeeping commits with the claim (one commit, not
     two). If it raises, the claim is rolled back (no attempt; the record as it was) and the
     exception propagates.
 
+    ``now`` is the clock that decides leases and due retries: leave it None for the database's
+    (``idempotency.clock``); tests pass a time to make a retry due.
+
     Never raises for a busy or used key: the outcome says so.
     """
-    now = now or timezone.now()
     lease = timedelta(seconds=lease_seconds if lease_seconds is not None else conf.get("LEASE_SECONDS"))
     worker = worker or default_worker()
+    key_exists = False
     for _ in range(3):
-        record = IdempotencyRecord(
-            scope=scope,
-            key=key,
-            operation=operation,
-            fingerprint=fingerprint,
-            status=RecordStatus.PROCESSING,
-            attempt_count=1,
-            lease_expires_at=now + lease,
-            expires_at=now + _retention(),
-        )
-        attempt = Attempt(record=record, number=1, worker=worker, started_at=now)
-        try:
-            if on_claimed is None:
-                _insert_new(record, attempt)
-            else:
-                # Our atomic block is the transaction (or the caller's savepoint): a unique
-                # violation rolls it back whole, so the insert needs no savepoint of its own.
-                with transaction.atomic():
-                    _insert_new(record, attempt, savepoint=False)
-                    on_claimed(attempt)
-            return Claimed(attempt)
-        except IntegrityError:
-            pass  # the key exists: decide below, under its row lock
+        if not key_exists:
+            record = IdempotencyRecord(
+                scope=scope, key=key, operation=operation, fingerprint=fingerprint,
+                status=RecordStatus.PROCESSING, attempt_count=1,
+            )
+            attempt = Attempt(record=record, number=1, worker=worker)
+            try:
+                if on_claimed is None and lock_first is None:
+                    _insert_new(record, attempt, lease=lease, now=now)
+                else:
+                    # One transaction: the caller's locks, the insert, the caller's bookkeeping.
+                    # A unique violation rolls it back whole (no savepoint needed); the locked
+                    # path below then runs in a transaction of its own.
+                    with transaction.atomic():
+                        if lock_first is not None:
+                            lock_first()
+                        _insert_new(record, attempt, lease=lease, now=now, savepoint=False)
+                        if on_claimed is not None:
+                            on_claimed(attempt)
+                return Claimed(attempt)
+            except IntegrityError:
+                key_exists = True  # decide below, under the record's row lock
         with transaction.atomic():
-            record = IdempotencyRecord.objects.select_for_update().filter(scope=scope, key=key).first()
+            if lock_first is not None:
+                lock_first()
+            locked = IdempotencyRecord.objects.select_for_update().filter(scope=scope, key=key)
+            if now is None:
+                # Read the database's clock in the statement that locks the row: the lease is
+                # judged in the time it was written in, whatever this host's clock says.
+                locked = locked.annotate(db_now=db_now_expression())
+            record = locked.first()
             if record is not None:
                 outcome = _claim_existing(
                     record, operation=operation, fingerprint=fingerprint, lease=lease,
-                    max_attempts=max_attempts, worker=worker, now=now,
+                    max_attempts=max_attempts, worker=worker, now=now or record.db_now,
                 )
                 if on_claimed is not None and isinstance(outcome, Claimed):
                     on_claimed(outcome.attempt)
                 return outcome
-        # Purged between our insert and our lock: insert again.
+        key_exists = False  # purged between our insert and our lock: insert again
     raise RuntimeError(f"could not claim {scope}/{key}: the record kept disappearing")
 
 
@@ -248,14 +262,22 @@ def _held_by(attempt: Attempt):
 
 
 def heartbeat(*, attempt: Attempt, lease_seconds: float | None = None, now: datetime | None = None) -> bool:
-    """Extend the lease of a running attempt. False means the attempt was superseded: stop."""
-    now = now or timezone.now()
+    """Extend the lease of a running attempt. False means the attempt was superseded: stop.
+
+    The new lease is the database's time plus ``lease_seconds`` (``now`` only in tests).
+    """
     lease = timedelta(seconds=lease_seconds if lease_seconds is not None else conf.get("LEASE_SECONDS"))
+    at = db_now_expression() if now is None else Value(now)
     with transaction.atomic():
-        held = _held_by(attempt).update(lease_expires_at=now + lease, updated_at=now)
+        held = _held_by(attempt).update(lease_expires_at=_plus(at, lease), updated_at=at)
         if held:
-            Attempt.objects.filter(pk=attempt.pk, status=AttemptStatus.RUNNING).update(heartbeat_at=now)
+            Attempt.objects.filter(pk=attempt.pk, status=AttemptStatus.RUNNING).update(heartbeat_at=at)
     return bool(held)
+
+
+def _plus(at, delta: timedelta):
+    """``at + delta`` as a database expression (the database's clock when ``at`` is Now())."""
+    return ExpressionWrapper(at + Value(delta), output_field=DateTimeField())
 
 
 class _NotHolder(Exception):
@@ -297,7 +319,13 @@ def complete(
         if _held_by(attempt).exists():
             raise  # a genuine domain error while we hold the key: let the caller fail the attempt
         reason = f"finished late; the database refused its write ({type(exc).__name__})"
-    winner = IdempotencyRecord.objects.only("status", "result", "attempt_count").get(pk=attempt.record_id)
+    winner = IdempotencyRecord.objects.only("status", "result", "attempt_count").filter(pk=attempt.record_id).first()
+    if winner is None:
+        # The record was purged (or deleted by an operator) under the running attempt: nothing
+        # holds the key, and this attempt certainly does not.
+        reason = "finished after its key's record was deleted; its write was rolled back"
+        _attempt_end(attempt_id=attempt.pk, status=AttemptStatus.FENCED, now=now, error_type="Fenced", message=reason, details=details)
+        return Completion(fenced=True, result=None, reason=reason)
     if winner.status == RecordStatus.COMPLETED and winner.attempt_count == attempt.number:
         # This very attempt completed the key before (say its first call committed but the
         # answer was lost): completing again is a replay of its own result, not a fencing.
@@ -317,20 +345,27 @@ def fail(
     outcome_unknown: bool = False,
     details: dict | None = None,
     now: datetime | None = None,
+    on_failed: Callable[[FailureOutcome], Any] | None = None,
 ) -> FailureOutcome:
     """Record ``error`` (type, message, traceback) on the attempt and decide what comes next.
 
     ``outcome_unknown``: the external call timed out and may have happened; the attempt ends as
     UNKNOWN, not FAILED. The policy then decides between a retry at ``retry_at`` (the record
-    waits as FAILED with a retry time) and a terminal FAILED. If the attempt had already lost the
-    key, only its own row is written.
+    waits as FAILED with a retry time) and a terminal FAILED; an infrastructure error (see
+    ``idempotency.faults``) is always retried. If the attempt had already lost the key, only its
+    own row is written.
+
+    ``on_failed(outcome)`` runs in the same transaction, only while this attempt held the key, so
+    the caller's own move (its step's RETRY_WAIT or FAILED) commits with the key's, or neither
+    does; nobody can claim in between. Lock the caller's rows before calling (the lock order).
+    ``retry_at`` is in the database's time (``now`` only in tests).
     """
-    now = now or timezone.now()
     delay = policy.retry_delay(attempt_number=attempt.number, error=error)
-    retry_at = None if delay is None else now + timedelta(seconds=delay)
     status = AttemptStatus.UNKNOWN if outcome_unknown else AttemptStatus.FAILED
     summary = _one_line(error)
     with transaction.atomic():
+        now = now or db_now(model=IdempotencyRecord)
+        retry_at = None if delay is None else now + timedelta(seconds=delay)
         keep_until = {} if retry_at is None else {"expires_at": Greatest(F("expires_at"), Value(retry_at + _retention()))}
         held = _held_by(attempt).update(
             status=RecordStatus.FAILED, retry_at=retry_at, lease_expires_at=None,
@@ -340,7 +375,10 @@ def fail(
             attempt_id=attempt.pk, status=status, now=now, error_type=type(error).__name__,
             message=str(error), traceback="".join(traceback_module.format_exception(error)), details=details,
         )
-    return FailureOutcome(retry_at=retry_at if held else None, held=bool(held))
+        outcome = FailureOutcome(retry_at=retry_at if held else None, held=bool(held))
+        if held and on_failed is not None:
+            on_failed(outcome)
+    return outcome
 
 
 # --- operators' moves ---------------------------------------------------------------------------
@@ -352,8 +390,8 @@ def release(*, record: IdempotencyRecord, reason: str, now: datetime | None = No
     The record becomes FAILED with a retry due now; the running attempt is marked TIMED_OUT and,
     should it ever finish, is fenced. False if the record was not PROCESSING.
     """
-    now = now or timezone.now()
     with transaction.atomic():
+        now = now or db_now(model=IdempotencyRecord)
         locked = IdempotencyRecord.objects.select_for_update().filter(pk=record.pk, status=RecordStatus.PROCESSING).first()
         if locked is None:
             return False
@@ -369,10 +407,11 @@ def release(*, record: IdempotencyRecord, reason: str, now: datetime | None = No
 
 
 def reopen(*, record: IdempotencyRecord, now: datetime | None = None) -> bool:
-    """Allow a new attempt on a FAILED key at once (an operator's retry). False if not FAILED."""
-    now = now or timezone.now()
+    """Allow a new attempt on a FAILED key at ``now`` (default: at once, in the database's time;
+    an operator's retry). False if not FAILED."""
+    at = db_now_expression() if now is None else Value(now)
     return bool(
-        IdempotencyRecord.objects.filter(pk=record.pk, status=RecordStatus.FAILED).update(retry_at=now, updated_at=now)
+        IdempotencyRecord.objects.filter(pk=record.pk, status=RecordStatus.FAILED).update(retry_at=at, updated_at=at)
     )
 
 
@@ -434,21 +473,41 @@ def _db_for(model):
 
 _INSERT_PARTS: dict[tuple, tuple[list, str, str]] = {}
 
+# PostgreSQL: time columns the database fills from its own clock (``idempotency.clock``).
+_PG_NOW, _PG_NOW_PLUS = "statement_timestamp()", "statement_timestamp() + make_interval(secs => %s)"
 
-def _insert_parts(connection, model, skip: tuple[str, ...]) -> tuple[list, str, str]:
-    # Built once per database vendor and model: the SQL text never changes between calls.
-    cache_key = (connection.vendor, model, skip)
+
+def _insert_parts(connection, model, skip: tuple[str, ...], db_clock: tuple[tuple[str, bool], ...] = ()) -> tuple[list, str, str]:
+    # Built once per database vendor, model and clock shape: the SQL text never changes between calls.
+    cache_key = (connection.vendor, model, skip, db_clock)
     if cache_key not in _INSERT_PARTS:
+        timed = dict(db_clock)
         fields = [f for f in model._meta.concrete_fields if not (f.primary_key and f.auto_created) and f.attname not in skip]
         columns = ", ".join(connection.ops.quote_name(f.column) for f in fields)
-        _INSERT_PARTS[cache_key] = fields, columns, ", ".join(["%s"] * len(fields))
+        placeholders = ", ".join(
+            (_PG_NOW_PLUS if timed[f.attname] else _PG_NOW) if f.attname in timed else "%s" for f in fields
+        )
+        _INSERT_PARTS[cache_key] = fields, columns, placeholders
     return _INSERT_PARTS[cache_key]
 
 
-def _insert_statement(connection, model, instance, *, skip: tuple[str, ...] = ()) -> tuple[str, str, list]:
-    """Column list, placeholders and adapted values for inserting ``instance`` (auto fields run)."""
-    fields, columns, placeholders = _insert_parts(connection, model, skip)
-    values = [f.get_db_prep_save(f.pre_save(instance, add=True), connection) for f in fields]
+def _insert_statement(
+    connection, model, instance, *, skip: tuple[str, ...] = (), db_clock: dict[str, float | None] | None = None
+) -> tuple[str, str, list]:
+    """Column list, placeholders and adapted values for inserting ``instance`` (auto fields run).
+
+    ``db_clock`` (PostgreSQL): attname -> seconds after the database's now (None: now itself);
+    those columns are computed by the database instead of sent.
+    """
+    shape = tuple((name, offset is not None) for name, offset in (db_clock or {}).items())
+    fields, columns, placeholders = _insert_parts(connection, model, skip, shape)
+    values = []
+    for f in fields:
+        if db_clock and f.attname in db_clock:
+            if db_clock[f.attname] is not None:
+                values.append(db_clock[f.attname])
+        else:
+            values.append(f.get_db_prep_save(f.pre_save(instance, add=True), connection))
     return columns, placeholders, values
 
 
@@ -457,12 +516,22 @@ def _mark_saved(connection, *instances) -> None:
         instance._state.adding, instance._state.db = False, connection.alias
 
 
-def _insert_new(record: IdempotencyRecord, attempt: Attempt, *, savepoint: bool = True) -> None:
+def _stamp_new(record: IdempotencyRecord, attempt: Attempt, *, now: datetime, lease: timedelta) -> None:
+    record.created_at = record.updated_at = attempt.started_at = now
+    record.lease_expires_at, record.expires_at = now + lease, now + _retention()
+
+
+def _insert_new(
+    record: IdempotencyRecord, attempt: Attempt, *, lease: timedelta, now: datetime | None, savepoint: bool = True
+) -> None:
     """Insert a new key's record and its attempt #1 atomically. Raises IntegrityError if the key exists.
 
+    The lease starts at ``now``; None means the database's clock (on PostgreSQL the statement
+    itself computes the time columns; SQLite's clock is this host's).
     ``savepoint=False``: the caller's atomic block is rolled back on a unique violation anyway."""
     connection = _db_for(IdempotencyRecord)
     if connection.vendor not in _FAST_VENDORS:
+        _stamp_new(record, attempt, now=now or db_now(using=connection.alias), lease=lease)
         with transaction.atomic(using=connection.alias):
             record.save(force_insert=True, using=connection.alias)
             attempt.record = record
@@ -471,21 +540,36 @@ def _insert_new(record: IdempotencyRecord, attempt: Attempt, *, savepoint: bool 
     qn = connection.ops.quote_name
     record_table, attempt_table = qn(IdempotencyRecord._meta.db_table), qn(Attempt._meta.db_table)
     record_pk, record_fk = qn(IdempotencyRecord._meta.pk.column), qn(Attempt._meta.get_field("record").column)
-    columns, placeholders, values = _insert_statement(connection, IdempotencyRecord, record)
     if connection.vendor == "postgresql":
-        a_columns, a_placeholders, a_values = _insert_statement(connection, Attempt, attempt, skip=("record_id",))
+        record_clock = attempt_clock = None
+        if now is None:
+            record_clock = {
+                "created_at": None, "updated_at": None,
+                "lease_expires_at": lease.total_seconds(), "expires_at": _retention().total_seconds(),
+            }
+            attempt_clock = {"started_at": None}
+        else:
+            _stamp_new(record, attempt, now=now, lease=lease)
+        columns, placeholders, values = _insert_statement(connection, IdempotencyRecord, record, db_clock=record_clock)
+        a_columns, a_placeholders, a_values = _insert_statement(
+            connection, Attempt, attempt, skip=("record_id",), db_clock=attempt_clock
+        )
         sql = (
             f"WITH new_record AS (INSERT INTO {record_table} ({columns}) VALUES ({placeholders}) RETURNING {record_pk}) "
             f"INSERT INTO {attempt_table} ({a_columns}, {record_fk}) SELECT {a_placeholders}, {record_pk} FROM new_record "
-            f"RETURNING {record_fk}"
+            f"RETURNING {record_fk}, {qn(Attempt._meta.get_field('started_at').column)}"
         )
         # In autocommit the statement is its own transaction; inside a caller's transaction a
         # savepoint keeps a unique violation from poisoning it.
         block = transaction.atomic(using=connection.alias) if connection.in_atomic_block and savepoint else nullcontext()
         with block, connection.cursor() as cursor:
             cursor.execute(sql, values + a_values)
-            record.pk = cursor.fetchone()[0]
+            record.pk, started_at = cursor.fetchone()
+        if now is None:
+            _stamp_new(record, attempt, now=started_at, lease=lease)  # the database's time, as written
     else:
+        _stamp_new(record, attempt, now=now or timezone.now(), lease=lease)  # SQLite: this host's clock is the database's
+        columns, placeholders, values = _insert_statement(connection, IdempotencyRecord, record)
         with transaction.atomic(using=connection.alias), connection.cursor() as cursor:
             cursor.execute(f"INSERT INTO {record_table} ({columns}) VALUES ({placeholders})", values)
             record.pk = cursor.lastrowid

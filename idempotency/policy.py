@@ -5,6 +5,8 @@ import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from .faults import is_infrastructure_error
+
 
 def _never_transient(exc: BaseException) -> bool:
     return False
@@ -39,7 +41,15 @@ class RetryPolicy:
         return ceiling / 2 + (rng or random).uniform(0, ceiling / 2)
 
     def retry_delay(self, *, attempt_number: int, error: BaseException | None) -> float | None:
-        """Seconds to wait before the next attempt, or None when there must be no retry."""
+        """Seconds to wait before the next attempt, or None when there must be no retry.
+
+        An infrastructure error (``idempotency.faults``: the database connection lost, a
+        deadlock, a lock timeout) is the platform's failure, not the work's: it is always
+        retried with backoff, whatever ``is_transient`` and ``max_attempts`` say, so that a
+        database restart can never make work terminal.
+        """
+        if error is not None and is_infrastructure_error(error):
+            return self.backoff_seconds(attempt_number)
         if error is not None and not self.is_transient(error):
             return None
         if attempt_number >= self.max_attempts:

@@ -1,4 +1,4 @@
-"""Running one step's callable for a claimed attempt: outside any transaction, with a heartbeat.
+"""Running one step's callable for a claimed attempt: outside any transaction, under a heartbeat.
 
 The heartbeat is a thread that extends the attempt's lease every third of it. If the guard
 refuses (a newer attempt took the key, or an operator released it), it sets the step's stop
@@ -61,14 +61,21 @@ class Heartbeat:
         self._thread.join(timeout=max(5.0, self.interval))
 
 
-def step_call(*, step: Step, ctx: StepContext, attempt: Attempt) -> dict:
-    """Run ``step`` for ``attempt`` with a heartbeat; returns its output or raises its error.
+def attempt_heartbeat(*, step: Step, ctx: StepContext, attempt: Attempt) -> Heartbeat:
+    """The heartbeat that keeps ``attempt``'s lease while its step runs *and* while its result is
+    being committed: a completion retried through a database restart must not lose its key to a
+    takeover in the meantime."""
+    return Heartbeat(attempt=attempt, lease_seconds=step.lease_seconds, stop_event=ctx.stop_event)
 
-    Must be called outside any transaction: on SQLite a transaction held across a model call
-    would block every other writer for as long as the model takes.
+
+def step_call(*, step: Step, ctx: StepContext) -> dict:
+    """Run ``step``; returns its output or raises its error.
+
+    Must be called outside any transaction (and inside ``attempt_heartbeat``): on SQLite a
+    transaction held across a model call would block every other writer for as long as the
+    model takes.
     """
-    with Heartbeat(attempt=attempt, lease_seconds=step.lease_seconds, stop_event=ctx.stop_event):
-        output = step.func(ctx)
+    output = step.func(ctx)
     if not isinstance(output, dict):
         raise TypeError(f"step {step.name!r} returned {type(output).__name__}, not a dict")
     return output

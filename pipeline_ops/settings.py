@@ -144,6 +144,12 @@ IDEMPOTENCY = {
 # django-q2 is only the delivery: our Attempt table counts starts, schedules retries and
 # dead-letters. See ../shared/reference/django-q2.md for the measurements behind each number.
 STEP_TIMEOUT_SECONDS = env_int("STEP_TIMEOUT_SECONDS", 300)
+# How long a step keeps retrying its database moves through infrastructure errors (a restart, a
+# failover, a dropped connection, a deadlock, a lock timeout) before it gives up on that move.
+# The completion gets longer: it carries a (paid) model answer, and it keeps its lease alive
+# meanwhile. Both stay well inside STEP_TIMEOUT_SECONDS, after which django-q2 kills the worker.
+PIPELINE_OPS_DB_RETRY_SECONDS = env_int("PIPELINE_OPS_DB_RETRY_SECONDS", 30)
+PIPELINE_OPS_COMPLETION_RETRY_SECONDS = env_int("PIPELINE_OPS_COMPLETION_RETRY_SECONDS", 90)
 PIPELINE_OPS_BROKER = os.environ.get("PIPELINE_OPS_BROKER", "orm").lower()
 REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
 _q_workers = env_int("Q_WORKERS", 2)

@@ -17,21 +17,24 @@ import logging
 from dataclasses import dataclass
 from datetime import datetime
 
-from django.db import transaction
+from django.conf import settings
+from django.db import router, transaction
 from django.db.models import F, Value
 from django.db.models.functions import Coalesce
 from django.utils import timezone
 
 from idempotency import guard
+from idempotency.faults import is_infrastructure_error, retry_infrastructure
 from idempotency.fingerprint import fingerprint
 from idempotency.models import Attempt, IdempotencyRecord
 from idempotency.policy import NO_RETRY, RetryPolicy
 from idempotency.states import RecordStatus
 
-from ..models import StepOutput, StepRun
+from ..models import PipelineInput, StepOutput, StepRun
 from ..observability.logging import log_context_bind
 from ..queueing import step_run_enqueue
-from ..runner import step_call
+from ..runner import attempt_heartbeat, step_call
+from ..signals import step_effect_committed
 from ..states import InputStatus, StepStatus, step_sources
 from ..steps import Step, StepContext, UnknownStepError, step_get
 from .inputs import STEP_SCOPE, input_roll_up
@@ -98,6 +101,19 @@ def step_run_queue_next(*, step_run: StepRun, now: datetime | None = None) -> in
     return None
 
 
+def step_rows_lock(*, step_run_ids: list[int], input_id=None) -> None:
+    """Lock step runs (in id order: an input's steps are created in position order), then their
+    input: the first two places of the one lock order (``docs/guard.md``): step runs -> input ->
+    idempotency record -> attempts -> queue rows. Call first in any transaction that will also
+    touch the steps' keys. ``FOR NO KEY UPDATE`` does not conflict with the key-share locks that
+    foreign-key checks of new rows (outputs, attempts) take.
+    """
+    if step_run_ids:
+        list(StepRun.objects.select_for_update(no_key=True).filter(pk__in=step_run_ids).order_by("pk").values_list("pk", flat=True))
+    if input_id is not None:
+        list(PipelineInput.objects.select_for_update(no_key=True).filter(pk=input_id).values_list("pk", flat=True))
+
+
 def _one_line(exc: BaseException) -> str:
     text = str(exc).splitlines()[0] if str(exc) else ""
     return f"{type(exc).__name__}: {text}"[:500] if text else type(exc).__name__
@@ -118,7 +134,7 @@ def step_run_execute(*, step_run_id: int, now: datetime | None = None) -> StepEx
     ``now`` is the claim's clock (tests pass a later time to make a retry due).
     Raises only on database errors.
     """
-    claim_now = now or timezone.now()
+    claim_now = now or timezone.now()  # only for the bookkeeping of steps that never claim
     step_run = StepRun.objects.select_related("input").filter(pk=step_run_id).first()
     if step_run is None:
         return StepExecution(Outcome.MISSING, step_run_id)
@@ -138,18 +154,27 @@ def step_run_execute(*, step_run_id: int, now: datetime | None = None) -> StepEx
     outputs = dict(
         StepOutput.objects.filter(input_id=step_run.input_id, step_run__position__lt=step_run.position).values_list("step", "output")
     ) if step_run.position else {}
-    try:
-        claim = guard.claim(
+    def claim_step() -> guard.ClaimOutcome:
+        return guard.claim(
             scope=STEP_SCOPE,
             key=step_run.idempotency_key,
             operation=f"step:{step_run.step}",
             fingerprint=step_fingerprint(pipeline=step_run.input.pipeline, step=step_run.step, payload=step_run.input.payload, outputs=outputs),
             lease_seconds=step.lease_seconds,
             max_attempts=step.policy.max_attempts,
-            now=claim_now,
+            now=now,
+            # The step (and, when the start rolls it up, the input) is locked before the key.
+            lock_first=lambda: step_rows_lock(
+                step_run_ids=[step_run.pk], input_id=None if step_run.input.status == InputStatus.RUNNING else step_run.input_id
+            ),
             # The step's RUNNING commits with the claim: one commit per start, not two.
             on_claimed=lambda attempt: _step_run_start(step_run=step_run, attempt=attempt),
         )
+
+    try:
+        # A claim that fails for the platform's reasons is tried again; one whose commit landed
+        # unseen finds its own live lease (InFlight), which the reconciler takes over on expiry.
+        claim = _retry_platform(claim_step, what=f"claim of {step_run.idempotency_key}")
     except StepNotRunnableError as exc:
         # Cancelled (or otherwise moved) between our read and our claim: the claim was rolled
         # back, so no attempt exists and the key is as it was.
@@ -179,12 +204,25 @@ def step_run_execute(*, step_run_id: int, now: datetime | None = None) -> StepEx
         idempotency_key=step_run.idempotency_key, attempt_number=attempt.number,
         payload=step_run.input.payload, outputs=outputs, timeout_seconds=step.timeout_seconds,
     )
-    try:
-        output = step_call(step=step, ctx=ctx, attempt=attempt)
-        json.dumps(output, allow_nan=False)  # a result we could not store is the step's error
-    except Exception as exc:  # the step's own failure, classified by its policy
-        return _step_run_after_error(step_run=step_run, step=step, attempt=attempt, error=exc, details=ctx.details)
-    return _step_run_complete(step_run=step_run, step=step, attempt=attempt, output=output, details=ctx.details)
+    # The heartbeat spans the commit too: a completion retried through a database restart keeps
+    # its key while it waits.
+    with attempt_heartbeat(step=step, ctx=ctx, attempt=attempt):
+        try:
+            output = step_call(step=step, ctx=ctx)
+            json.dumps(output, allow_nan=False)  # a result we could not store is the step's error
+        except Exception as exc:  # the step's own failure, classified by its policy
+            return _step_run_after_error(step_run=step_run, step=step, attempt=attempt, error=exc, details=ctx.details)
+        return _step_run_complete(step_run=step_run, step=step, attempt=attempt, output=output, details=ctx.details)
+
+
+def _retry_platform(func, *, what: str, seconds: float | None = None):
+    """Run one transaction again while it fails for the platform's reasons (``idempotency.faults``),
+    for a bounded time. Each of ours is safe to repeat: fenced by the attempt number, or
+    conditional on the state it read."""
+    return retry_infrastructure(
+        func, using=router.db_for_write(StepRun), what=what,
+        deadline_seconds=settings.PIPELINE_OPS_DB_RETRY_SECONDS if seconds is None else seconds,
+    )
 
 
 def _step_run_start(*, step_run: StepRun, attempt: Attempt) -> None:
@@ -229,12 +267,29 @@ def _step_run_complete(*, step_run: StepRun, step: Step, attempt: Attempt, outpu
             input_roll_up(input_id=step_run.input_id, now=now)
 
     try:
-        completion = guard.complete(attempt=attempt, result=output, write=write, details=details or None)
-    except Exception as exc:  # a domain write that failed while we held the key
+        # The paid answer is kept through a database restart: the completion is retried with
+        # backoff (fenced by the attempt number; a first commit that landed unseen is recognised
+        # as "already completed by this attempt").
+        completion = _retry_platform(
+            lambda: guard.complete(attempt=attempt, result=output, write=write, details=details or None),
+            what=f"completion of {step_run.idempotency_key} #{attempt.number}",
+            seconds=settings.PIPELINE_OPS_COMPLETION_RETRY_SECONDS,
+        )
+    except Exception as exc:
+        if is_infrastructure_error(exc):
+            # Out of time: whether the first commit landed is unknown to us; the key decides.
+            # The attempt ends UNKNOWN and the step is retried (never terminal for this).
+            return _step_run_after_error(step_run=step_run, step=step, attempt=attempt, error=exc, details=details, unknown=True)
+        # A domain write that failed while we held the key (its own constraint, a value the
+        # database refuses): retrying gives the same answer.
         return _step_run_after_error(step_run=step_run, step=step, attempt=attempt, error=exc, details=details, policy=NO_RETRY)
     if completion.fenced:
         log.info("attempt #%s of %s fenced: %s", attempt.number, step_run.idempotency_key, completion.reason)
         return StepExecution(Outcome.FENCED, step_run.pk, attempt.number, message=completion.reason)
+    step_effect_committed.send(
+        sender=StepRun, step_run_id=step_run.pk, input_id=step_run.input_id, step=step_run.step,
+        key=step_run.idempotency_key, attempt_number=attempt.number, worker=attempt.worker,
+    )
     return StepExecution(Outcome.SUCCEEDED, step_run.pk, attempt.number)
 
 
@@ -247,28 +302,41 @@ def _holds_key(attempt: Attempt) -> bool:
 
 
 def _step_run_after_error(
-    *, step_run: StepRun, step: Step, attempt: Attempt, error: BaseException, details: dict, policy: RetryPolicy | None = None
+    *, step_run: StepRun, step: Step, attempt: Attempt, error: BaseException, details: dict,
+    policy: RetryPolicy | None = None, unknown: bool | None = None,
 ) -> StepExecution:
-    unknown = step.is_outcome_unknown(error)
-    failure = guard.fail(
-        attempt=attempt, error=error, policy=policy or step.policy, outcome_unknown=unknown, details=details or None
-    )
-    if not failure.held:
-        return StepExecution(Outcome.SUPERSEDED, step_run.pk, attempt.number, message=_one_line(error))
-    now = timezone.now()
+    """The key's failure and the step's move in one transaction (nobody can claim in between),
+    the step's move conditional on this attempt still holding the key."""
+    unknown = step.is_outcome_unknown(error) if unknown is None else unknown
     line = _one_line(error)
-    with transaction.atomic():
+    moved: dict[str, str] = {}
+
+    def move(failure: guard.FailureOutcome) -> None:
+        now = timezone.now()
         if failure.retry_at is not None:
             # Due retries are enqueued by the reconciler (django-q2 has no delayed enqueue).
-            # From RUNNING only: the attempt still held the key, so its step is RUNNING.
             StepRun.objects.filter(pk=step_run.pk, status=StepStatus.RUNNING).update(
                 status=StepStatus.RETRY_WAIT, next_attempt_at=failure.retry_at, last_error=line, updated_at=now
             )
-            outcome = Outcome.RETRY_SCHEDULED
+            moved["outcome"] = Outcome.RETRY_SCHEDULED
         else:
             StepRun.objects.filter(pk=step_run.pk, status__in=step_sources(StepStatus.FAILED)).update(
                 status=StepStatus.FAILED, finished_at=now, next_attempt_at=None, last_error=line, updated_at=now
             )
-            outcome = Outcome.FAILED
-        input_roll_up(input_id=step_run.input_id, now=now)
-    return StepExecution(outcome, step_run.pk, attempt.number, message=line)
+            moved["outcome"] = Outcome.FAILED
+            input_roll_up(input_id=step_run.input_id, now=now)
+
+    def fail_in_one_transaction() -> guard.FailureOutcome:
+        with transaction.atomic():
+            step_rows_lock(step_run_ids=[step_run.pk], input_id=step_run.input_id)
+            return guard.fail(
+                attempt=attempt, error=error, policy=policy or step.policy, outcome_unknown=unknown,
+                details=details or None, on_failed=move,
+            )
+
+    # If the database stays away longer than this, the attempt stays RUNNING until its lease
+    # runs out and the reconciler hands the step to a new attempt: late, never lost.
+    failure = _retry_platform(fail_in_one_transaction, what=f"failure of {step_run.idempotency_key} #{attempt.number}")
+    if not failure.held:
+        return StepExecution(Outcome.SUPERSEDED, step_run.pk, attempt.number, message=line)
+    return StepExecution(moved["outcome"], step_run.pk, attempt.number, message=line)
