@@ -19,6 +19,7 @@ from __future__ import annotations
 from datetime import datetime, timezone as dt_timezone
 
 from django.db import connections, router
+from django.db.models import DateTimeField, Value
 from django.db.models.functions import Now
 from django.utils import timezone
 
@@ -45,6 +46,13 @@ def db_now(*, using: str | None = None, model=None) -> datetime:
     return value.astimezone(dt_timezone.utc)
 
 
-def db_now_expression() -> Now:
-    """The database's current time inside a statement (``Now()``: STATEMENT_TIMESTAMP on PostgreSQL)."""
+def db_now_expression(*, using: str = "default"):
+    """The database's current time inside a statement (``Now()``: STATEMENT_TIMESTAMP on PostgreSQL).
+
+    On SQLite the value is this host's clock (the database's, SQLite being embedded), sent as a
+    parameter: SQLite stores datetimes as text, and its own ``strftime('now')`` writes another
+    text format than Django's, which would break the equality matches of conditional updates.
+    """
+    if connections[using].vendor == "sqlite":
+        return Value(timezone.now(), output_field=DateTimeField())
     return Now()

@@ -7,9 +7,9 @@ from datetime import datetime, timedelta
 
 from django.db import transaction
 from django.db.models import Q
-from django.utils import timezone
 
 from . import conf
+from .clock import db_now
 from .models import IdempotencyRecord
 from .states import RecordStatus
 
@@ -51,7 +51,7 @@ def records_purge(
     on_batch: Callable[[int], None] | None = None,
 ) -> PurgeReport:
     """Delete purgeable records (and their attempts) in short batches; count what is stuck."""
-    now = now or timezone.now()
+    now = now or db_now(model=IdempotencyRecord)  # expiries and leases in the database's time
     batch_size = batch_size or conf.get("PURGE_BATCH_SIZE")
     report = PurgeReport()
     purgeable = records_purgeable(now=now, older_than_hours=older_than_hours)

@@ -23,8 +23,8 @@ from datetime import datetime, timedelta
 from django.conf import settings
 from django.db import connection, transaction
 from django.db.models import Count, Q
-from django.utils import timezone
 
+from idempotency.clock import db_now
 from idempotency.models import IdempotencyRecord
 from idempotency.states import AttemptStatus, RecordStatus
 
@@ -96,7 +96,7 @@ def integrity_check(*, now: datetime | None = None, grace_seconds: float | None 
 
 
 def _integrity_check(*, now: datetime | None, grace_seconds: float | None, limit: int) -> IntegrityReport:
-    now = now or timezone.now()
+    now = now or db_now(model=StepRun)  # leases are judged in the database's time
     grace_seconds = settings.INTEGRITY_GRACE_SECONDS if grace_seconds is None else grace_seconds
     cutoff = now - timedelta(seconds=grace_seconds)
     report = IntegrityReport(checked_at=now, grace_seconds=grace_seconds, limit=limit)

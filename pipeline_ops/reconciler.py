@@ -24,8 +24,8 @@ from datetime import datetime, timedelta
 from django.conf import settings
 from django.db import transaction
 from django.db.models import Q
-from django.utils import timezone
 
+from idempotency.clock import db_now
 from idempotency.states import RecordStatus
 
 from .models import StepRun
@@ -122,7 +122,8 @@ def reconcile_once(
     visible task, and also how soon an expired-lease step may be re-sent after its last enqueue.
     Raises only on database errors.
     """
-    now = now or timezone.now()
+    # The database's clock judges leases, due retries and staleness: hosts' clocks disagree.
+    now = now or db_now(model=StepRun)
     limit = limit or settings.RECONCILER_BATCH_SIZE
     grace = timedelta(seconds=settings.RECONCILER_LOST_GRACE_SECONDS if lost_grace_seconds is None else lost_grace_seconds)
     report = ReconcileReport(now=now, dry_run=dry_run)

@@ -8,6 +8,8 @@ from django.db import IntegrityError, transaction
 from django.db.models import Count
 from django.utils import timezone
 
+from idempotency.clock import db_now_expression
+
 from ..models import PipelineInput, StepRun
 from ..pipelines import pipeline_get
 from ..queueing import step_run_enqueue
@@ -35,7 +37,6 @@ def input_submit(
     Raises UnknownPipelineError.
     """
     spec = pipeline_get(name=pipeline)
-    now = timezone.now()
     try:
         with transaction.atomic():
             pipeline_input = PipelineInput.objects.create(
@@ -47,7 +48,8 @@ def input_submit(
                     StepRun(
                         input=pipeline_input, step=name, position=position,
                         status=StepStatus.QUEUED if position == 0 else StepStatus.PENDING,
-                        enqueued_at=now if position == 0 else None,
+                        # The database's clock: the reconciler judges staleness by it.
+                        enqueued_at=db_now_expression() if position == 0 else None,
                     )
                     for position, name in enumerate(spec.steps)
                 ]
@@ -119,26 +121,30 @@ def input_cancel(*, pipeline_input: PipelineInput, reason: str = "input cancelle
     Runs in one transaction. The records are found by key, not through ``StepRun
     .idempotency_record``: an attempt that claimed but has not linked its record yet is fenced
     too, and one that claims after this commit finds its step CANCELLED and ends itself. Rows are
-    locked in the completion's order (records, then steps, then the input), so a cancel racing a
-    completing step waits for it instead of deadlocking with it on PostgreSQL.
+    locked in the one lock order (``docs/guard.md``: step runs -> input -> records), the order of
+    a completing or claiming step, so a cancel racing one waits for it instead of deadlocking.
     Raises nothing for an input that cannot be cancelled; the return value says so.
     """
     from idempotency import guard
     from idempotency.models import IdempotencyRecord
     from idempotency.states import RecordStatus
 
+    from .steps import step_rows_lock
+
     now = now or timezone.now()
     if not PipelineInput.objects.filter(pk=pipeline_input.pk, status__in=_ROLL_UP_FROM).exists():
         return 0
     try:
         with transaction.atomic():
+            step_ids = list(StepRun.objects.filter(input_id=pipeline_input.pk).values_list("pk", flat=True))
+            step_rows_lock(step_run_ids=step_ids, input_id=pipeline_input.pk)
             open_steps = list(
                 StepRun.objects.filter(input_id=pipeline_input.pk, status__in=step_sources(StepStatus.CANCELLED))
                 .values_list("pk", "step")
             )
             keys = [f"{pipeline_input.pk}:{step}" for _, step in open_steps]
             for record in IdempotencyRecord.objects.filter(scope=STEP_SCOPE, key__in=keys, status=RecordStatus.PROCESSING).order_by("pk"):
-                guard.release(record=record, reason=reason, now=now)
+                guard.release(record=record, reason=reason)
             cancelled = StepRun.objects.filter(
                 pk__in=[pk for pk, _ in open_steps], status__in=step_sources(StepStatus.CANCELLED)
             ).update(status=StepStatus.CANCELLED, finished_at=now, next_attempt_at=None, updated_at=now)

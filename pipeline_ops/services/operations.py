@@ -33,12 +33,14 @@ from django.db.models import Q, QuerySet
 from django.utils import timezone
 
 from idempotency import guard
+from idempotency.clock import db_now
 from idempotency.models import Attempt, IdempotencyRecord
 from idempotency.states import RecordStatus
 
 from ..models import OperatorAction, PipelineInput, StepRun
 from ..queueing import step_run_enqueue
 from ..states import InputStatus, StepStatus, step_sources
+from .steps import step_rows_lock
 
 # The guard scope the runner claims step keys in (key: "<input id>:<step>", see StepRun.idempotency_key).
 STEP_SCOPE = "step"
@@ -279,7 +281,7 @@ def retry_rate_per_second() -> float:
 
 def step_runs_retry_plan(*, step_runs: Iterable[StepRun], force: bool = False, now: datetime | None = None) -> list[Decision]:
     """What a retry of ``step_runs`` would do now, one Decision per step run. Writes nothing."""
-    now = now or timezone.now()
+    now = now or db_now()  # leases and due times are the database's (idempotency.clock)
     loaded = _step_runs_load(step_runs)
     records = step_run_records(step_runs=loaded)
     holders = _holders(records.values())
@@ -318,7 +320,7 @@ def step_runs_retry(
     Raises ValueError for an empty reason or an unknown source.
     """
     reason = _require_reason(reason, source)
-    now = now or timezone.now()
+    now = now or db_now()  # leases and due times are the database's (idempotency.clock)
     batch = uuid.uuid4()
     report = ActionReport(action=OperatorAction.Action.FORCE_RETRY if force else OperatorAction.Action.RETRY, verb="queued", batch=batch)
     rate = retry_rate_per_second() if rate_per_second is None else max(0.0, rate_per_second)
@@ -340,14 +342,15 @@ def step_runs_retry(
 
 def _step_run_retry_one(*, step_run_id, actor, reason, source, force, now, due, batch) -> Decision | None:
     with transaction.atomic():
-        # Row locks (PostgreSQL; SQLite's IMMEDIATE transaction already excludes other writers):
-        # the step first, then its key, the order in which guard.complete's domain write (the
-        # step) and completion (the key) take them, so the decision below cannot be overtaken
-        # by a worker completing or failing in between, and the two cannot deadlock.
+        # Row locks (PostgreSQL; SQLite's IMMEDIATE transaction already excludes other writers)
+        # in the one lock order (docs/guard.md): the step, its input, then its key, as a claiming,
+        # completing or failing worker takes them, so the decision below cannot be overtaken by
+        # a worker in between, and the two cannot deadlock.
         loaded = _step_runs_load([step_run_id], for_update=True)
         if not loaded:
             return None
         step_run = loaded[0]
+        step_rows_lock(step_run_ids=[], input_id=step_run.input_id)  # the input before the key: it is updated below
         record = step_run_records(step_runs=[step_run], for_update=True).get(step_run.pk)
         holder = _holders([record]).get(record.pk) if record is not None else None
         decision = _decide_retry(step_run, record, holder, force=force, now=now)
@@ -502,7 +505,7 @@ def _decide_release(step_run: StepRun, record: IdempotencyRecord | None, holder:
 
 def step_runs_release_lease_plan(*, step_runs: Iterable[StepRun], now: datetime | None = None) -> list[Decision]:
     """What releasing the leases of ``step_runs`` would do. Writes nothing."""
-    now = now or timezone.now()
+    now = now or db_now()  # leases and due times are the database's (idempotency.clock)
     loaded = _step_runs_load(step_runs)
     records = step_run_records(step_runs=loaded)
     holders = _holders(records.values())
@@ -515,7 +518,7 @@ def step_runs_release_lease(*, step_runs: Iterable[StepRun], actor, reason: str,
     the reconciler's next pass runs it. Live leases are refused (that is a forced retry).
     Raises ValueError for an empty reason or an unknown source."""
     reason = _require_reason(reason, source)
-    now = now or timezone.now()
+    now = now or db_now()  # leases and due times are the database's (idempotency.clock)
     report = ActionReport(action=OperatorAction.Action.RELEASE_LEASE, verb="released", batch=uuid.uuid4())
     who = _actor_name(actor) or source
     for step_run_id in _pks(step_runs):

@@ -24,6 +24,7 @@ from django.db.models.functions import Coalesce
 from django.utils import timezone
 
 from idempotency import guard
+from idempotency.clock import db_now_expression
 from idempotency.faults import is_infrastructure_error, retry_infrastructure
 from idempotency.fingerprint import fingerprint
 from idempotency.models import Attempt, IdempotencyRecord
@@ -94,7 +95,8 @@ def step_run_queue_next(*, step_run: StepRun, now: datetime | None = None) -> in
     if next_id is None:
         return None
     if StepRun.objects.filter(pk=next_id, status=StepStatus.PENDING).update(
-        status=StepStatus.QUEUED, enqueued_at=now, updated_at=now
+        # enqueued_at in the database's time: the reconciler judges a lost message by it.
+        status=StepStatus.QUEUED, enqueued_at=db_now_expression(), updated_at=now
     ):
         step_run_enqueue(step_run_id=next_id)
         return next_id
