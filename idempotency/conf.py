@@ -19,6 +19,12 @@ DEFAULTS: dict[str, Any] = {
     # Upper bound on ``Prefer: wait=N`` (RFC 7240) for a request whose key is in flight: the
     # waiting request holds a web worker, so a client must not be able to park it for long.
     "MAX_WAIT_SECONDS": 10,
+    # A running attempt holds a PostgreSQL session advisory lock for its whole duration, so a
+    # claimer sees at once that its holder died (idempotency.liveness) instead of waiting out the
+    # lease. Turn it off (False) behind a transaction pooler (PgBouncer in transaction mode):
+    # there a session lock outlives or skips the session it was taken for. The lease is the
+    # fallback either way, and on other databases the lock is never taken.
+    "LIVENESS_LOCKS": True,
 }
 
 

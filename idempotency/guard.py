@@ -213,18 +213,28 @@ def _claim_existing(
         record.replay_count += 1
         return Replay(record)
     if record.status == RecordStatus.PROCESSING:
+        from .liveness import holder_gone  # PostgreSQL: the holder's session advisory lock
+
+        gone = False
         if record.lease_expires_at is not None and record.lease_expires_at > now:
-            return InFlight(record, until=record.lease_expires_at)
-        # The holder's lease ran out: it died or stalled. Supersede it; if it ever finishes,
-        # its completion is fenced because attempt_count moves past its number.
+            # A live lease, unless the holder's liveness lock says its session ended (it died):
+            # then it is superseded at once, just like an expired lease (fencing keeps it safe).
+            if not holder_gone(record):
+                return InFlight(record, until=record.lease_expires_at)
+            gone = True
+        # The holder's lease ran out (it died or stalled), or its session ended. Supersede it; if
+        # it ever finishes, its completion is fenced because attempt_count moves past its number.
         _attempt_end(
             record_id=record.pk, number=record.attempt_count, status=AttemptStatus.TIMED_OUT, now=now,
-            error_type="LeaseExpired", message=f"lease expired at {record.lease_expires_at:%Y-%m-%d %H:%M:%S}; superseded",
+            error_type="HolderGone" if gone else "LeaseExpired",
+            message="holder's session ended; superseded" if gone
+            else f"lease expired at {record.lease_expires_at:%Y-%m-%d %H:%M:%S}; superseded",
         )
         if max_attempts is not None and record.attempt_count >= max_attempts:
             IdempotencyRecord.objects.filter(pk=record.pk, status=RecordStatus.PROCESSING).update(
                 status=RecordStatus.FAILED, retry_at=None, lease_expires_at=None, updated_at=now,
-                error_summary=f"gave up: {record.attempt_count} attempts started, the last lease expired",
+                error_summary=f"gave up: {record.attempt_count} attempts started, the last "
+                + ("holder's session ended" if gone else "lease expired"),
             )
             record.refresh_from_db()
             return Failed(record)

@@ -125,6 +125,14 @@ class Attempt(models.Model):
     worker = models.CharField(max_length=200, blank=True, default="", help_text="Host and process that ran the attempt.")
     started_at = models.DateTimeField(help_text="When the attempt claimed the key.")
     heartbeat_at = models.DateTimeField(null=True, blank=True, help_text="Last heartbeat that extended the lease.")
+    liveness_lock = models.BooleanField(
+        default=False,
+        help_text=(
+            "Set once the attempt holds its PostgreSQL session advisory lock (idempotency.liveness): "
+            "while its lease is live, a claimer that finds that lock free knows the holder's session "
+            "ended (the process died) and takes over at once. Unset: only the lease says."
+        ),
+    )
     finished_at = models.DateTimeField(null=True, blank=True, help_text="When the attempt recorded its ending.")
     error_type = models.CharField(max_length=200, blank=True, default="", help_text="Exception class of the failure.")
     error_message = models.TextField(blank=True, default="", help_text="The error message.")
