@@ -7,38 +7,9 @@ from rest_framework import serializers
 
 from ..models import PipelineInput, StepRun
 from ..pipelines import pipeline_get
+from ..services.validation import PayloadValidationError, input_payload_validate
 from ..states import InputStatus
 from . import conf
-
-
-def json_depth(value) -> int:
-    """Nesting depth of a JSON value: a scalar is 0, ``{"a": 1}`` is 1 (iterative: no recursion limit)."""
-    deepest, stack = 0, [(value, 0)]
-    while stack:
-        item, depth = stack.pop()
-        if isinstance(item, dict):
-            stack.extend((v, depth + 1) for v in item.values())
-            deepest = max(deepest, depth + 1)
-        elif isinstance(item, list):
-            stack.extend((v, depth + 1) for v in item)
-            deepest = max(deepest, depth + 1)
-    return deepest
-
-
-def _has_nul(value) -> bool:
-    # PostgreSQL's jsonb cannot store U+0000: refuse it as a client error, not a server crash.
-    stack = [value]
-    while stack:
-        item = stack.pop()
-        if isinstance(item, str):
-            if "\x00" in item:
-                return True
-        elif isinstance(item, dict):
-            stack.extend(item.keys())
-            stack.extend(item.values())
-        elif isinstance(item, list):
-            stack.extend(item)
-    return False
 
 
 @extend_schema_field(
@@ -53,20 +24,11 @@ def _has_nul(value) -> bool:
 class PayloadField(serializers.JSONField):
     def to_internal_value(self, data):
         value = super().to_internal_value(data)
-        if not isinstance(value, dict):
-            raise serializers.ValidationError("The payload must be a JSON object.", code="not_an_object")
-        text = value.get("text")
-        if not isinstance(text, str) or not text.strip():
-            raise serializers.ValidationError("The payload needs a non-empty 'text' string.", code="text_required")
-        limit = conf.get("MAX_TEXT_CHARS")
-        if len(text) > limit:
-            raise serializers.ValidationError(f"The payload's text has {len(text)} characters; at most {limit} are accepted.", code="text_too_long")
-        max_depth = conf.get("MAX_JSON_DEPTH")
-        if json_depth(value) > max_depth:
-            raise serializers.ValidationError(f"The payload is nested deeper than {max_depth} levels.", code="too_deep")
-        if _has_nul(value):
-            raise serializers.ValidationError("The payload may not contain NUL (U+0000) characters.", code="null_character")
-        return value
+        # The one validator the submit command uses too (services.validation).
+        try:
+            return input_payload_validate(payload=value)
+        except PayloadValidationError as error:
+            raise serializers.ValidationError(error.message, code=error.code) from None
 
 
 @extend_schema_field({"type": "string", "enum": sorted(settings.PIPELINES), "description": "A declared pipeline (GET /api/v1/pipelines/)."})

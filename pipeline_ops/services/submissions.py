@@ -29,6 +29,7 @@ from ..pipelines import pipeline_get
 # queueing's per-process broker: the one the chaos harness re-points when it swaps brokers.
 from ..queueing import STEP_TASK, process_broker, step_run_enqueue, uses_transactional_broker
 from ..states import StepStatus
+from .validation import PayloadValidationError, input_payload_validate
 
 Format = Literal["jsonl", "csv"]
 EnqueueMode = Literal["bulk", "each"]
@@ -117,6 +118,11 @@ def _line_build(
         row = {k: v for k, v in row.items() if k != pipeline_column}
     if name not in settings.PIPELINES:
         return LineError(line, f"unknown pipeline {name!r}")
+    try:
+        # The API's validator on what will be stored: a line the API would refuse is refused here, with its code.
+        input_payload_validate(payload=row)
+    except PayloadValidationError as error:
+        return LineError(line, f"{error.message} ({error.code})")
     if key_column is not None:
         value = row.get(key_column)
         if value is None or isinstance(value, (dict, list, bool)) or str(value).strip() == "":

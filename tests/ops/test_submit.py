@@ -85,14 +85,14 @@ def test_submit_creates_nothing_when_the_same_file_is_submitted_again(tmp_path):
 
 
 def test_default_key_ignores_key_order_and_whitespace_when_payloads_are_equal(tmp_path):
-    path = write(tmp_path, "in.jsonl", '{"a": 1, "b": "x"}\n{"b":"x","a":1}\n')
+    path = write(tmp_path, "in.jsonl", '{"text": "t", "b": "x"}\n{"b":"x","text":"t"}\n')
 
     status, out, _ = run_submit(path)
 
     assert status == 0
     assert "1 created, 1 already submitted" in out
     row = PipelineInput.objects.get()
-    assert row.idempotency_key == submission_key_default(pipeline="default", payload={"a": 1, "b": "x"})
+    assert row.idempotency_key == submission_key_default(pipeline="default", payload={"text": "t", "b": "x"})
 
 
 def test_same_payload_is_a_new_input_when_submitted_to_another_pipeline(tmp_path):
@@ -187,7 +187,7 @@ def test_csv_rows_with_wrong_column_count_are_bad_lines_when_others_are_fine(tmp
 
 
 def test_repeated_key_within_one_batch_creates_one_input_when_file_repeats_a_line(tmp_path):
-    path = write(tmp_path, "in.jsonl", jsonl([{"id": "k", "text": "one"}, {"id": "k", "text": "two"}, {"id": "j"}]))
+    path = write(tmp_path, "in.jsonl", jsonl([{"id": "k", "text": "one"}, {"id": "k", "text": "two"}, {"id": "j", "text": "three"}]))
 
     status, out, _ = run_submit(path, "--key-column", "id", "--json")
 
@@ -240,7 +240,7 @@ def test_lines_reader_numbers_every_physical_line_when_csv_fields_span_lines():
 def test_service_reports_progress_per_batch_when_given_a_callback():
     seen = []
     report = inputs_submit_stream(
-        stream=io.StringIO(jsonl({"n": i} for i in range(5))), fmt="jsonl", batch_size=2, progress=seen.append,
+        stream=io.StringIO(jsonl({"text": f"n{i}"} for i in range(5))), fmt="jsonl", batch_size=2, progress=seen.append,
     )
     assert report.created == 5 and sum(seen) == 5 and len(seen) == 3
 
@@ -282,3 +282,75 @@ def test_bulk_step_runs_equal_the_single_submission_ones_when_pipeline_is_the_sa
     assert shape(bulk_input) == shape(single)
     assert len(shape(single)) == 3
     assert bulk_input.status == single.status and bulk_input.finished_at is None
+
+
+# --- one validator for the API and the command (issue 13, item 2) ---------------------------------
+
+REFUSED_PAYLOADS = [
+    ({"id": "no-text", "body": "hello"}, "text_required"),
+    ({"text": "   "}, "text_required"),
+    ({"text": 5}, "text_required"),
+    ({"text": "x", "deep": [[[[[[[[[1]]]]]]]]]}, "too_deep"),
+    ({"text": "nul \u0000 here"}, "null_character"),
+]
+
+
+@pytest.mark.parametrize("payload,code", REFUSED_PAYLOADS)
+def test_submit_refuses_a_line_with_the_apis_code_when_the_api_refuses_the_same_payload(tmp_path, payload, code):
+    from rest_framework.test import APIClient
+
+    from tests.admin.helpers import operator
+
+    client = APIClient()
+    client.force_authenticate(operator("api-client"))
+    answer = client.post("/api/v1/inputs/", {"pipeline": "default", "payload": payload}, format="json", HTTP_IDEMPOTENCY_KEY="k-1")
+    assert answer.status_code == 400
+    assert [e["code"] for e in answer.json()["errors"]] == [code]
+
+    status, out, err = run_submit(write(tmp_path, "in.jsonl", jsonl([payload, {"text": "fine"}])), "--json")
+
+    assert status == 2
+    report = json.loads(out)
+    assert report["created"] == 1 and report["errors"] == 1
+    assert report["error_lines"][0]["line"] == 1 and f"({code})" in report["error_lines"][0]["message"]
+    assert PipelineInput.objects.count() == 1
+
+
+def test_submit_refuses_every_row_when_the_csv_has_no_text_column(tmp_path):
+    status, out, err = run_submit(write(tmp_path, "in.csv", "id,body\n1,hello\n2,world\n"))
+
+    assert status == 2
+    assert "0 created" in out and "2 bad lines" in out
+    assert "line 2: The payload needs a non-empty 'text' string. (text_required)" in err
+    assert PipelineInput.objects.count() == 0
+
+
+def test_submit_fails_with_one_line_and_submits_nothing_when_the_file_is_not_utf8(tmp_path):
+    path = tmp_path / "latin1.jsonl"
+    good = "".join(json.dumps({"text": f"line {i}"}) + "\n" for i in range(5))
+    path.write_bytes(good.encode() + '{"text": "caf\xe9"}\n'.encode("latin-1"))
+
+    with pytest.raises(CommandError, match=r"is not UTF-8 text \(invalid continuation byte at byte \d+, line 6\); nothing was submitted\."):
+        call_command("submit", str(path), stdout=io.StringIO(), stderr=io.StringIO())
+    assert PipelineInput.objects.count() == 0 and OrmQ.objects.count() == 0
+
+
+def test_submit_from_stdin_submits_nothing_when_a_late_byte_is_not_utf8(monkeypatch):
+    raw = io.BytesIO(("".join(json.dumps({"text": f"t{i}"}) + "\n" for i in range(3))).encode() + b'{"text": "\xff"}\n')
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(raw))
+
+    with pytest.raises(CommandError, match="standard input is not UTF-8 text"):
+        call_command("submit", "-", stdout=io.StringIO(), stderr=io.StringIO())
+    assert PipelineInput.objects.count() == 0
+
+
+def test_command_prints_one_line_and_no_traceback_when_run_from_the_shell_on_a_non_utf8_file(tmp_path):
+    path = tmp_path / "bad.csv"
+    path.write_bytes(b"text\n\xff\xfe\n")
+    result = subprocess.run(
+        [sys.executable, "manage.py", "submit", str(path)],
+        cwd=ROOT, env={**os.environ, "DEBUG": "1"}, capture_output=True, text=True, timeout=60,
+    )
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines() == [f"CommandError: {path} is not UTF-8 text (invalid start byte at byte 5, line 2); nothing was submitted."]

@@ -1,7 +1,9 @@
+import codecs
 import io
 import json as json_module
-import os
+import shutil
 import sys
+import tempfile
 
 from django.core.management.base import BaseCommand, CommandError
 
@@ -11,6 +13,30 @@ from pipeline_ops.services.submissions import DEFAULT_BATCH_SIZE, DEFAULT_SCOPE,
 
 # Shown when a line fails; the full list is in --json output.
 ERRORS_PRINTED = 20
+# Standard input is spooled to a temporary file past this size (it is read twice: check, then submit).
+SPOOL_MEMORY_BYTES = 16 * 1024 * 1024
+READ_CHUNK_BYTES = 1024 * 1024
+
+
+def _utf8_lines_count(raw, *, name: str) -> int:
+    """Count the lines of a binary stream, checking that all of it is UTF-8; CommandError (one
+    line: where the bad byte is) if not."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    lines, offset, last = 0, 0, b"\n"
+    while True:
+        chunk = raw.read(READ_CHUNK_BYTES)
+        try:
+            decoder.decode(chunk, final=not chunk)
+        except UnicodeDecodeError as error:
+            line = lines + chunk.count(b"\n", 0, max(error.start, 0)) + 1
+            raise CommandError(
+                f"{name} is not UTF-8 text ({error.reason} at byte {offset + error.start}, line {line}); nothing was submitted."
+            ) from None
+        if not chunk:
+            return lines + (last != b"\n")  # a last line without its newline counts too
+        lines += chunk.count(b"\n")
+        last = chunk[-1:]
+        offset += len(chunk)
 
 
 class Command(BaseCommand):
@@ -52,21 +78,29 @@ class Command(BaseCommand):
         if not scope.strip():
             raise CommandError("--scope must not be empty.")
         fmt = fmt or ("csv" if file.lower().endswith(".csv") else "jsonl")
-        total = None
+        # The whole input is checked to be UTF-8 (and its lines counted for the progress bar)
+        # before anything is submitted: a bad byte on line 90,000 must not leave the first
+        # 89,999 lines submitted and the rest not. Standard input is spooled to do the same.
         if file == "-":
-            # UTF-8 whatever the locale says (a bare container's C locale would read ASCII).
-            buffer = getattr(sys.stdin, "buffer", None)
-            stream = (
-                io.TextIOWrapper(buffer, encoding="utf-8", newline="" if fmt == "csv" else None) if buffer is not None else sys.stdin
-            )
+            raw = tempfile.SpooledTemporaryFile(max_size=SPOOL_MEMORY_BYTES)
+            source = getattr(sys.stdin, "buffer", None)
+            if source is None:  # a text stdin (tests, embedding): already decoded
+                raw.write(sys.stdin.read().encode("utf-8"))
+            else:
+                shutil.copyfileobj(source, raw)
+            raw.seek(0)
         else:
             try:
-                stream = open(file, encoding="utf-8", newline="" if fmt == "csv" else None)
+                raw = open(file, "rb")
             except OSError as error:
                 raise CommandError(f"Cannot read {file}: {error.strerror or error}.") from None
-            if os.path.getsize(file) < 512 * 1024 * 1024:
-                total = sum(1 for _ in stream)
-                stream.seek(0)
+        try:
+            total = _utf8_lines_count(raw, name="standard input" if file == "-" else file)
+            raw.seek(0)
+            stream = io.TextIOWrapper(raw, encoding="utf-8", newline="" if fmt == "csv" else None)
+        except BaseException:
+            raw.close()
+            raise
         bar = progress_bar(total=total, desc="submit", unit="line", enabled=progress, stream=self.stderr._out)
         try:
             report = inputs_submit_stream(
@@ -75,12 +109,9 @@ class Command(BaseCommand):
             )
         except PipelineOpsError as error:
             raise CommandError(str(error)) from None
-        except UnicodeDecodeError as error:
-            raise CommandError(f"{file} is not UTF-8 text ({error.reason} at byte {error.start}); batches before it were submitted.") from None
         finally:
             bar.close()
-            if file != "-":
-                stream.close()
+            stream.close()
         if json:
             self.stdout.write(json_module.dumps(report.as_dict()))
         else:
