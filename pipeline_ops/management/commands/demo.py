@@ -132,6 +132,9 @@ class Command(BaseCommand):
             f"  Model server: {model_url}/_stats (fault-injecting, OpenAI-compatible)",
             f"  Logs:         {log_dir}",
             "  Look at: Pipeline inputs (step timelines), Attempts (unknown / fenced), the dashboard.",
+            "  Other commands, in another shell (the demo's settings: development key, this database):",
+            f"    export DEBUG=1 DATABASE_URL={database_url_for(connection.settings_dict)}",
+            "    .venv/bin/python manage.py create_api_client NAME     (or pipeline_status, submit FILE, ...)",
             "  Ctrl-C stops everything." if not opts["exit_when_done"] else "  Exits when every demo input is terminal.",
             "",
         ]
