@@ -87,6 +87,40 @@ def is_infrastructure_error(exc: BaseException) -> bool:
     return False
 
 
+def is_infrastructure_error_type(name: str, message: str = "", *, vendor: str = "postgresql") -> bool:
+    """``is_infrastructure_error`` for an error known only by what an Attempt stored: its class name
+    (``error_type``) and message. The exception is rebuilt (Django's ``django.db`` errors, psycopg's
+    own and its SQLSTATE classes such as ``AdminShutdown`` or ``LockNotAvailable``) and judged by
+    the same rules; ``vendor`` says which database raised it (on SQLite only some messages are
+    the platform's). An unknown name (a step's own error, ``LeaseExpired``) is not infrastructure.
+    """
+    rebuilt = _error_from_type(name, message, vendor=vendor)
+    return rebuilt is not None and is_infrastructure_error(rebuilt)
+
+
+def _error_from_type(name: str, message: str, *, vendor: str) -> BaseException | None:
+    import django.db
+
+    try:
+        import psycopg
+        import psycopg.errors
+        namespaces = (django.db, psycopg.errors, psycopg)
+    except ImportError:  # pragma: no cover - psycopg is a dependency
+        namespaces = (django.db,)
+    for namespace in namespaces:
+        cls = getattr(namespace, name, None)
+        if isinstance(cls, type) and issubclass(cls, Exception) and cls.__module__.split(".")[0] in {"django", "psycopg"}:
+            break
+    else:
+        return None
+    exc = cls(message)
+    if vendor == "sqlite" and cls.__module__.startswith("django"):
+        import sqlite3
+
+        exc.__cause__ = sqlite3.OperationalError(message)  # how Django's wrapper chains SQLite's error
+    return exc
+
+
 def _from_sqlite(exc: BaseException) -> bool:
     cause = exc.__cause__
     return cause is not None and type(cause).__module__ == "sqlite3"

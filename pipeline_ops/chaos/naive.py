@@ -9,7 +9,9 @@ the chaos run can put honest numbers beside the guarded ones:
   is *left running* in a background thread that INSERTs its result when the response finally
   arrives (exactly the incident);
 * results go to a scratch table with no unique constraint (``chaos_naive_result``), created with
-  raw SQL here and dropped at the start of every control run. No migration: it is not product data.
+  raw SQL here and dropped at the start of every control run. No migration: it is not product data;
+* every stored result is also appended to the effects log (``chaos.effects``) with the same
+  function the guarded run uses, so one counter measures both runs' duplicates.
 
 Everything else is identical to the guarded run: same model server and fault knobs, same
 clusters, brokers, duplicate enqueues and SIGKILLs (``pipeline_ops.chaos.scenario``).
@@ -25,6 +27,8 @@ import unicodedata
 import httpx
 from django.db import close_old_connections, connection, connections
 from django_q.tasks import async_task
+
+from .effects import effect_append
 
 TABLE = "chaos_naive_result"
 TASK = "pipeline_ops.chaos.naive.naive_step_task"
@@ -81,6 +85,8 @@ def _insert(*, run: str, input_id: str, step: str, source: str, output: str) -> 
             f"INSERT INTO {TABLE} (run, input_id, step, source, output, pid) VALUES (%s, %s, %s, %s, %s, %s)",
             [run, input_id, step, source, output[:2000], os.getpid()],
         )
+    # After the INSERT committed (autocommit): the same line the guarded run's winners append.
+    effect_append(key=f"{input_id}:{step}", source=f"naive-{source}", run=run)
 
 
 def _local_step(step: str, text: str) -> str:

@@ -13,6 +13,15 @@ incident the abandoned call's handler wrote its result anyway. The guarded run r
 handler: once the late answer is due, ``late_writes_deliver`` hands it to the timed-out attempt
 through the very ``guard.complete(write=...)`` call the runner uses, with a real StepOutput
 insert. The guard must fence every one of them, and the summary counts them.
+
+Duplicates are counted from the effects log (``chaos.effects``), which has no unique constraint:
+every guarded attempt that believed it won, every late write the guard accepted and every result
+the control group stored appends a line, and ``effects_count`` counts both runs alike. The
+output table's "rows beyond one per step" is still reported, under that name: it is a check of
+the unique constraint, not of the guard.
+
+``db_faults`` (PostgreSQL only) adds ``chaos.dbfaults``: the clusters' backends are terminated at
+random moments and their sessions run with a short ``lock_timeout``.
 """
 from __future__ import annotations
 
@@ -38,6 +47,8 @@ from django.utils import timezone
 from . import naive
 from .brokers import use_broker
 from .cluster import QCluster, base_env, database_url_for, stop_all
+from .dbfaults import BackendTerminator, connect_params_for, db_faults_env
+from .effects import EFFECTS_LOG_ENV, calls_count, deliveries_count, effect_append, effects_count, effects_read
 
 WORDS = (
     "the model timed out while the retry succeeded and saved its result then the first call finished late "
@@ -76,6 +87,11 @@ class ChaosConfig:
     kill_worker: bool = True
     kill_cluster: bool = True
     late_writes: bool = True
+    # Database faults (PostgreSQL): a worker backend terminated every `db_fault_interval` seconds on
+    # average, and a `lock_timeout_ms` lock timeout on the workers' sessions.
+    db_faults: bool = False
+    db_fault_interval: float = 1.0
+    lock_timeout_ms: int = 100
     log_dir: Path = field(default_factory=lambda: Path(settings.VAR_DIR) / "chaos")
     settings_module: str = ""
     database_url: str = ""
@@ -86,6 +102,8 @@ class ChaosConfig:
             self.settings_module = os.environ.get("DJANGO_SETTINGS_MODULE", "pipeline_ops.settings")
         if not self.database_url:
             self.database_url = database_url_for(connection.settings_dict)
+        if self.db_faults and connection.vendor != "postgresql":
+            raise ValueError(f"db_faults needs PostgreSQL (pg_terminate_backend), not {connection.vendor}")
         if connection.vendor == "sqlite":
             self.clusters = 1  # SQLite has one writer: exactly one cluster (reference §8 gotcha 7)
         if not self.duplicate_enqueues:
@@ -109,8 +127,9 @@ def texts(*, count: int, seed: int) -> list[str]:
     return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(8, 24))).capitalize() + "." for _ in range(count)]
 
 
-def cluster_env(cfg: ChaosConfig, *, model_url: str) -> dict[str, str]:
+def cluster_env(cfg: ChaosConfig, *, model_url: str, effects_log: Path, application_name: str = "") -> dict[str, str]:
     """Environment of every chaos cluster: django-q2 reads its settings once, at import."""
+    faults = db_faults_env(application_name=application_name, lock_timeout_ms=cfg.lock_timeout_ms) if cfg.db_faults else {}
     policies = {
         step: {"lease_seconds": cfg.lease_seconds} for step in settings.PIPELINES[cfg.pipeline]["steps"]
     }
@@ -132,7 +151,35 @@ def cluster_env(cfg: ChaosConfig, *, model_url: str) -> dict[str, str]:
         LLM_TIMEOUT_SECONDS=cfg.client_timeout,
         LLM_CONNECT_TIMEOUT_SECONDS=2,
         LOG_LEVEL="ERROR",
+        **{EFFECTS_LOG_ENV: str(effects_log)},
+        **faults,
     )
+
+
+def _effects_log(cfg: ChaosConfig, label: str, run_id: str) -> Path:
+    """A fresh effects log per run (one file per run: nothing to filter, nothing left over)."""
+    cfg.log_dir.mkdir(parents=True, exist_ok=True)
+    path = cfg.log_dir / f"effects-{label}-{run_id}.jsonl"
+    path.unlink(missing_ok=True)
+    return path
+
+
+def _start_db_faults(cfg: ChaosConfig, *, application_name: str) -> BackendTerminator | None:
+    if not cfg.db_faults:
+        return None
+    return BackendTerminator(
+        connect_params=connect_params_for(connection.settings_dict), application_name=application_name,
+        interval=cfg.db_fault_interval, seed=cfg.seed,
+    ).start()
+
+
+def _queue_left(broker, kind: str) -> int:
+    """Messages still in the run's queue when every input was terminal (issue 12's figure)."""
+    if kind == "redis":
+        return int(broker.queue_size())
+    from django_q.models import OrmQ
+
+    return OrmQ.objects.filter(key=broker.list_key).count()  # locked (taken, not acked) rows too
 
 
 def _start_model_server(cfg: ChaosConfig):
@@ -260,7 +307,12 @@ def run_guarded(cfg: ChaosConfig) -> dict:
     server = _start_model_server(cfg)
     clusters: list[QCluster] = []
     faults = _Faults(cfg, clusters, rng, running_attempt=_running_attempt)
-    late = _LateWrites(stall_seconds=cfg.stall_seconds)
+    effects_log = _effects_log(cfg, "guarded", run_id)
+    late = _LateWrites(stall_seconds=cfg.stall_seconds, effects_log=effects_log)
+    application_name = f"pipeline_ops_chaos_{run_id}"
+    terminator: BackendTerminator | None = None
+    db_faults: dict = {}
+    queue_left = None
     started = time.monotonic()
     reconciler_runs = 0
     timed_out = False
@@ -269,7 +321,9 @@ def run_guarded(cfg: ChaosConfig) -> dict:
             RECONCILER_LOST_GRACE_SECONDS=cfg.lost_grace_seconds
         ):
             _purge(broker)
-            clusters.extend(_start_clusters(cfg, cluster_env(cfg, model_url=server.url), "guarded"))
+            env = cluster_env(cfg, model_url=server.url, effects_log=effects_log, application_name=application_name)
+            clusters.extend(_start_clusters(cfg, env, "guarded"))
+            terminator = _start_db_faults(cfg, application_name=application_name)
             for i, text in enumerate(texts(count=cfg.inputs, seed=cfg.seed)):
                 input_submit(pipeline=cfg.pipeline, payload={"text": text}, scope=scope, key=f"chaos-{i}")
             inputs = PipelineInput.objects.filter(submission_scope=scope)
@@ -311,34 +365,45 @@ def run_guarded(cfg: ChaosConfig) -> dict:
                     reconciler_runs += 1
                     last_reconcile = time.monotonic()
                 time.sleep(0.05)
+            if terminator is not None:
+                db_faults = terminator.stop()
             faults.join()
+            queue_left = _queue_left(broker, cfg.broker)
     finally:
+        if terminator is not None and not db_faults:
+            db_faults = terminator.stop()
         stop_all(clusters, timeout=20)
         served = _server_stats(server)
         server.stop()
-    summary = guarded_summary(scope=scope, calls=served["calls"])
+    summary = guarded_summary(scope=scope, calls=served["calls"], effects_log=effects_log)
     summary["killed_attempts"] = killed_attempts(ids=faults.killed_attempt_ids)
     summary.update(
         mode="guarded", run=run_id, broker=cfg.broker, database=connection.vendor,
         clusters=cfg.clusters, workers=cfg.workers, elapsed_seconds=round(time.monotonic() - started, 1),
         timed_out=timed_out, reconciler_runs=reconciler_runs,
         faults={**served["injected"], **dict(faults.counts), "late_writes_delivered": late.delivered,
-                "killed_tasks": faults.killed_tasks},
+                **db_faults, "killed_tasks": faults.killed_tasks},
+        db_faults=cfg.db_faults, lock_timeout_ms=cfg.lock_timeout_ms if cfg.db_faults else None,
+        queue_messages_left=queue_left, effects_log=str(effects_log),
         late_writes_fenced=late.fenced, late_writes_accepted=late.accepted,
         # A late answer is handed to an UNKNOWN attempt, which then ends FENCED: count it once.
         unknown_outcomes=summary["unknown_outcomes"] + late.delivered,
         knobs=cfg.knobs(),
     )
     summary["integrity"] = integrity_check()
-    summary["ok"] = summary["duplicates"] == 0 and summary["lost"] == 0 and summary["integrity"]["ok"]
+    summary["ok"] = (
+        summary["duplicates"] == 0 and summary["lost"] == 0 and summary["integrity"]["ok"]
+        and summary["failed_by_infrastructure"] == 0 and summary["output_rows_beyond_one_per_step"] == 0
+    )
     return summary
 
 
 class _LateWrites:
     """The abandoned calls' handlers, replayed through the guard (see the module docstring)."""
 
-    def __init__(self, *, stall_seconds: float):
+    def __init__(self, *, stall_seconds: float, effects_log: Path):
         self.stall_seconds = stall_seconds
+        self.effects_log = effects_log
         self.delivered = 0
         self.fenced = 0
         self.accepted = 0
@@ -384,7 +449,9 @@ class _LateWrites:
             if completion.fenced:
                 self.fenced += 1
             else:
+                # The guard let a late write through: an effect like any other, and the counter sees it.
                 self.accepted += 1
+                effect_append(key=attempt.record.key, source="late", attempt=attempt.number, path=self.effects_log)
 
 
 _KEYS_CACHE: dict[str, list[str]] = {}
@@ -409,8 +476,9 @@ def _server_stats(server) -> dict:
     }
 
 
-def guarded_summary(*, scope: str, calls: dict[str, int]) -> dict:
-    """Counts for one guarded run, from the database (and the model server's call log)."""
+def guarded_summary(*, scope: str, calls: dict[str, int], effects_log: Path) -> dict:
+    """Counts for one guarded run: duplicates from the effects log, the rest from the database
+    (and the model server's own per-key call counts)."""
     from idempotency.models import Attempt, IdempotencyRecord
     from idempotency.states import AttemptStatus
     from pipeline_ops.models import PipelineInput, StepOutput, StepRun
@@ -433,6 +501,11 @@ def guarded_summary(*, scope: str, calls: dict[str, int]) -> dict:
     )
     run_calls = {k: n for k, n in calls.items() if k in set(keys)}
     llm_steps = steps.filter(step="llm").count()
+    lines = effects_read(effects_log)
+    effects = effects_count(lines, keys=keys)
+    deliveries = deliveries_count(lines, tasks=[f"step_run:{pk}" for pk in steps.values_list("pk", flat=True)])
+    llm_keys = [key for key in keys if key.endswith(":llm")]
+    infrastructure = failed_by_infrastructure(steps=steps)
     return {
         "inputs": inputs.count(),
         "inputs_by_status": dict(inputs.values_list("status").annotate(n=Count("pk")).values_list("status", "n")),
@@ -447,8 +520,19 @@ def guarded_summary(*, scope: str, calls: dict[str, int]) -> dict:
         "model_keys": len(run_calls),
         "model_steps": llm_steps,
         "model_calls_beyond_one_per_key": sum(run_calls.values()) - len(run_calls),
+        "model_calls_per_key": calls_count(run_calls, keys=llm_keys),
         "outputs": output_rows,
-        "duplicates": output_rows - distinct_outputs,
+        # Can only be non-zero if StepOutput's unique constraint were gone: a check of the schema.
+        "output_rows_beyond_one_per_step": output_rows - distinct_outputs,
+        "effects": effects,
+        "effects_total": effects["total"],
+        "effects_max": effects["max"],
+        "duplicates": effects["duplicates"],
+        "deliveries": deliveries,
+        "deliveries_per_step": deliveries["per_step"],
+        "failed_by_infrastructure": infrastructure["count"],
+        "failed_steps_by_last_error": infrastructure["by_error_type"],
+        "failed_by_infrastructure_steps": infrastructure["steps"],
         "lost": not_terminal + succeeded_without_output + succeeded_inputs_missing,
         "lost_detail": {
             "inputs_not_terminal": not_terminal,
@@ -456,6 +540,35 @@ def guarded_summary(*, scope: str, calls: dict[str, int]) -> dict:
             "succeeded_inputs_missing_outputs": succeeded_inputs_missing,
         },
     }
+
+
+def failed_by_infrastructure(*, steps) -> dict:
+    """Steps that ended FAILED whose last failed attempt's error is the platform's, not the work's.
+
+    Judged by the one classifier (``idempotency.faults``) from what the attempt stored (its
+    error's class name and message). Only injected model errors may fail a step; a database blip
+    never should.
+    """
+    from idempotency.faults import is_infrastructure_error_type
+    from idempotency.models import Attempt
+    from idempotency.states import AttemptStatus
+    from pipeline_ops.states import StepStatus
+
+    failed = {f"{input_id}:{step}": pk for pk, input_id, step in
+              steps.filter(status=StepStatus.FAILED).values_list("pk", "input_id", "step")}
+    last: dict[str, tuple[str, str]] = {}
+    for key, error_type, message in (
+        Attempt.objects.filter(record__key__in=list(failed),
+                               status__in=[AttemptStatus.FAILED, AttemptStatus.UNKNOWN, AttemptStatus.TIMED_OUT])
+        .order_by("record__key", "number").values_list("record__key", "error_type", "error_message")
+    ):
+        last[key] = (error_type, message)  # ordered by number: the last one wins
+    by_type = Counter(error_type or "(none)" for error_type, _ in last.values())
+    infrastructure = sorted(
+        failed[key] for key, (error_type, message) in last.items()
+        if is_infrastructure_error_type(error_type, message, vendor=connection.vendor)
+    )
+    return {"count": len(infrastructure), "by_error_type": dict(by_type), "steps": infrastructure[:20]}
 
 
 def _running_attempt(pid: int) -> tuple[str, str] | None:
@@ -502,6 +615,11 @@ def run_naive(cfg: ChaosConfig) -> dict:
     steps = list(settings.PIPELINES[cfg.pipeline]["steps"])
     items = [(str(uuid.UUID(int=rng.getrandbits(128))), text) for text in texts(count=cfg.inputs, seed=cfg.seed)]
     naive.naive_table_reset()
+    effects_log = _effects_log(cfg, "naive", run_id)
+    application_name = f"pipeline_ops_chaos_{run_id}"
+    terminator: BackendTerminator | None = None
+    db_faults: dict = {}
+    queue_left = None
     server = _start_model_server(cfg)
     clusters: list[QCluster] = []
     faults = _Faults(cfg, clusters, rng)
@@ -511,7 +629,9 @@ def run_naive(cfg: ChaosConfig) -> dict:
     try:
         with use_broker(kind=cfg.broker, queue=cfg.queue) as broker:
             _purge(broker)
-            clusters.extend(_start_clusters(cfg, cluster_env(cfg, model_url=server.url), "naive"))
+            env = cluster_env(cfg, model_url=server.url, effects_log=effects_log, application_name=application_name)
+            clusters.extend(_start_clusters(cfg, env, "naive"))
+            terminator = _start_db_faults(cfg, application_name=application_name)
             common = {"steps": steps, "model_url": server.url, "client_timeout": cfg.client_timeout,
                       "stall_seconds": cfg.stall_seconds}
             for input_id, text in items:
@@ -548,8 +668,13 @@ def run_naive(cfg: ChaosConfig) -> dict:
                 if cfg.kill_cluster and not faults.counts["clusters_sigkilled"] and progress >= cluster_kill_at:
                     faults.kill_cluster(any_busy=progress > 0.9)
                 time.sleep(0.1)
+            if terminator is not None:
+                db_faults = terminator.stop()
             faults.join()
+            queue_left = _queue_left(broker, cfg.broker)
     finally:
+        if terminator is not None and not db_faults:
+            db_faults = terminator.stop()
         stop_all(clusters, timeout=20)
         served = _server_stats(server)
         server.stop()
@@ -558,17 +683,29 @@ def run_naive(cfg: ChaosConfig) -> dict:
     finished = naive.naive_finished_inputs(run=run_id, last_step=steps[-1])
     keys = {f"{input_id}:{step}" for input_id, _ in items for step in steps}
     run_calls = {k: n for k, n in calls.items() if k in keys}
+    # The same counter as the guarded run: one line per stored result, no constraint.
+    lines = effects_read(effects_log)
+    effects = effects_count(lines, keys=sorted(keys))
+    deliveries = deliveries_count(lines, tasks=[f"naive:{input_id}:{i}" for input_id, _ in items for i in range(len(steps))])
     return {
         "mode": "naive", "run": run_id, "broker": cfg.broker, "database": connection.vendor,
         "clusters": cfg.clusters, "workers": cfg.workers,
         "elapsed_seconds": round(time.monotonic() - started, 1), "timed_out": timed_out,
         "inputs": len(items), "steps": len(items) * len(steps),
         "outputs": counts["rows"], "late_rows": counts["late_rows"],
-        "duplicates": counts["duplicates"], "duplicated_steps": counts["duplicated_pairs"],
+        "output_rows_beyond_one_per_step": counts["duplicates"], "duplicated_steps": counts["duplicated_pairs"],
+        "effects": effects, "effects_total": effects["total"], "effects_max": effects["max"],
+        "duplicates": effects["duplicates"],
+        "deliveries": deliveries, "deliveries_per_step": deliveries["per_step"],
+        "queue_messages_left": queue_left, "effects_log": str(effects_log),
+        "db_faults": cfg.db_faults,
+        # The control group has no attempts to classify: a step it gave up on is simply missing.
+        "failed_by_infrastructure": None,
         "lost": len(items) - len(finished),
         "model_calls": sum(run_calls.values()), "model_keys": len(run_calls),
         "model_calls_beyond_one_per_key": sum(run_calls.values()) - len(run_calls),
-        "faults": {**served["injected"], **dict(faults.counts), "killed_tasks": faults.killed_tasks},
+        "model_calls_per_key": calls_count(run_calls, keys=sorted(k for k in keys if k.endswith(":llm"))),
+        "faults": {**served["injected"], **dict(faults.counts), **db_faults, "killed_tasks": faults.killed_tasks},
         "knobs": cfg.knobs(),
     }
 

@@ -6,6 +6,11 @@ busy worker and a whole cluster mid-step and restarts it, and hands every late a
 timed-out attempt. The guarded run must end with every input terminal, no duplicate, nothing
 lost, verify_integrity clean and the late writes fenced; the control group (``--naive``), on the
 same faults, must really produce duplicates.
+
+Duplicates are counted from the effects log (``pipeline_ops.chaos.effects``: one line per effect,
+no unique constraint), the same counter for both runs; the output table's own count is kept under
+its real name (``output_rows_beyond_one_per_step``). ``--db-faults`` adds real
+``pg_terminate_backend`` calls on the workers' connections and a short ``lock_timeout``.
 """
 from __future__ import annotations
 
@@ -14,6 +19,7 @@ import json
 
 import pytest
 from django.core.management import call_command
+from django.core.management.base import CommandError
 
 from pipeline_ops.chaos import naive
 from pipeline_ops.models import PipelineInput, StepOutput, StepRun
@@ -26,16 +32,26 @@ pytestmark = [
 SMALL = ["--inputs", "10", "--clusters", "2", "--workers", "2", "--timeout", "150", "--seed", "11"]
 
 
-def _chaos(*args: str) -> dict:
+def _chaos(*args: str, check: bool = True) -> dict:
+    """The runs of one ``chaos --json`` call by mode. ``check=False``: the command's own verdict
+    (CommandError when not clean) is not raised, so the test's assertions say what went wrong."""
     out = io.StringIO()
-    call_command("chaos", "--json", *SMALL, *args, stdout=out)
+    try:
+        call_command("chaos", "--json", *SMALL, *args, stdout=out)
+    except CommandError:
+        if check or not out.getvalue():
+            raise
     return {run["mode"]: run for run in json.loads(out.getvalue())["runs"]}
 
 
 def _assert_guarded_clean(run: dict) -> None:
     assert run["timed_out"] is False
     assert run["inputs"] == 10 and run["steps"] == 30
-    assert run["duplicates"] == 0
+    # The effects log: no step's effect twice, and each succeeded step's effect exactly once.
+    assert run["duplicates"] == 0, run["effects"]
+    assert run["effects_max"] == 1, run["effects"]
+    assert run["effects_total"] == run["steps_by_status"].get("SUCCEEDED", 0), run["effects"]
+    assert run["output_rows_beyond_one_per_step"] == 0
     assert run["lost"] == 0, run["lost_detail"]
     assert run["integrity"]["ok"], run["integrity"]
     call_command("verify_integrity", stdout=io.StringIO())  # the operators' command agrees (raises on a violation)
@@ -78,7 +94,11 @@ def test_naive_duplicates_and_guarded_none_when_same_faults_on_orm_broker():
         naive_run, guarded = runs["naive"], runs["guarded"]
         # The control group is honest: the same faults really duplicate results without the guard,
         # and the incident's own way among them: a timed-out call that finished late and saved.
-        assert naive_run["duplicates"] > 0
+        # Its duplicates are the effects counter's (the same one the guarded run is measured by),
+        # and its own table (no unique constraint) saw them too.
+        assert naive_run["duplicates"] == naive_run["effects"]["duplicates"] > 0
+        assert naive_run["effects_max"] > 1
+        assert naive_run["output_rows_beyond_one_per_step"] > 0
         assert naive_run["faults"]["stalls"] > 0
         assert naive_run["late_rows"] > 0
         _assert_guarded_clean(guarded)
@@ -91,3 +111,21 @@ def test_every_input_terminal_and_late_writes_fenced_when_redis_broker_loses_kil
     _assert_guarded_clean(runs["guarded"])
     assert runs["guarded"]["broker"] == "redis"
     assert runs["guarded"]["reconciler_runs"] > 0
+
+
+@pytest.mark.parametrize("broker", ["orm", "redis"])
+def test_no_step_failed_by_infrastructure_when_workers_backends_are_terminated(broker, request):
+    if broker == "redis":
+        request.getfixturevalue("redis_available")
+    # Real pg_terminate_backend on the clusters' connections (found by their application_name)
+    # about every 0.7 s, and a 100 ms lock_timeout on their sessions, next to every other fault.
+    # A database blip must never make a step terminal nor store a result twice: only the
+    # injected model errors may fail a step.
+    runs = _chaos("--broker", broker, "--db-faults", "--db-fault-interval", "0.7", "--lock-timeout-ms", "100",
+                  check=False)
+    guarded = runs["guarded"]
+    assert guarded["db_faults"] is True and guarded["lock_timeout_ms"] == 100
+    assert guarded["faults"]["backends_terminated"] > 0, guarded["faults"]
+    assert guarded["failed_by_infrastructure"] == 0, (
+        guarded["failed_steps_by_last_error"], guarded["failed_by_infrastructure_steps"])
+    _assert_guarded_clean(guarded)

@@ -56,7 +56,10 @@ class Command(BaseCommand):
         "submit M inputs to the 'llm' pipeline, inject stalls past the client timeout, 5xx, 429, "
         "duplicate enqueues, a busy worker SIGKILL and a whole-cluster SIGKILL + restart, run the "
         "reconciler, wait until every input is terminal, run verify_integrity and print a summary. "
-        "Exit 0 only when duplicates = 0 and lost = 0. --naive also runs the same scenario through a "
+        "--db-faults (PostgreSQL) also terminates the workers' database backends at random moments and "
+        "gives their sessions a short lock_timeout. Duplicates are counted from an effects log with no "
+        "unique constraint. Exit 0 only when duplicates = 0, lost = 0, no step failed by infrastructure "
+        "and the integrity checks are clean. --naive also runs the same scenario through a "
         "plain retry loop without the guard (the control group) and prints both side by side. "
         "Run it on a scratch database (--database, or `make chaos`): its reconciler loop re-enqueues "
         "any stuck step it finds onto the chaos queue."
@@ -82,6 +85,13 @@ class Command(BaseCommand):
         parser.add_argument("--rate-429", type=_rate, default=0.08, help="Share of model calls answered 429 (default 0.08).")
         parser.add_argument("--latency-ms", type=int, default=150, help="Model latency in ms (default 150).")
         parser.add_argument("--no-kills", action="store_true", help="Do not SIGKILL workers or clusters.")
+        parser.add_argument("--db-faults", action="store_true",
+                            help="PostgreSQL only: pg_terminate_backend the workers' connections at random moments "
+                                 "and run their sessions with a short lock_timeout.")
+        parser.add_argument("--db-fault-interval", type=float, default=1.0,
+                            help="With --db-faults: mean seconds between two backend terminations (default 1).")
+        parser.add_argument("--lock-timeout-ms", type=_positive, default=100,
+                            help="With --db-faults: the workers' lock_timeout in milliseconds (default 100).")
 
     def handle(self, *args, **opts):
         if opts["database"] and opts["database"] != os.environ.get("DATABASE_URL"):
@@ -100,6 +110,10 @@ class Command(BaseCommand):
             signal.signal(signal.SIGTERM, saved[1])
 
     def _run(self, opts: dict):
+        if opts["db_faults"] and connection.vendor != "postgresql":
+            raise CommandError(f"--db-faults needs PostgreSQL (it terminates backends); this database is {connection.vendor}.")
+        if opts["db_fault_interval"] <= 0:
+            raise CommandError("--db-fault-interval must be positive.")
         call_command("migrate", verbosity=0, interactive=False)
         if connection.vendor == "sqlite" and opts["clusters"] > 1 and not opts["json"]:
             self.stderr.write("SQLite has a single writer: running exactly one cluster.")
@@ -121,6 +135,7 @@ class Command(BaseCommand):
             latency_ms=opts["latency_ms"], error_rate=opts["error_rate"], rate_429=opts["rate_429"],
             stall_rate=opts["stall_rate"], stall_seconds=opts["stall_seconds"], client_timeout=opts["client_timeout"],
             kill_worker=not opts["no_kills"], kill_cluster=not opts["no_kills"], progress=progress,
+            db_faults=opts["db_faults"], db_fault_interval=opts["db_fault_interval"], lock_timeout_ms=opts["lock_timeout_ms"],
         )
         summaries = []
         try:
@@ -142,6 +157,7 @@ class Command(BaseCommand):
         if guarded is not None and not guarded["ok"]:
             raise CommandError(
                 f"chaos: {guarded['duplicates']} duplicates, {guarded['lost']} lost, "
+                f"{guarded['failed_by_infrastructure']} failed by infrastructure, "
                 f"integrity {'clean' if guarded['integrity']['ok'] else 'VIOLATED'}"
             )
 
@@ -149,9 +165,9 @@ class Command(BaseCommand):
         """Settings are read once at import: another database means another process."""
         argv = ["chaos"]
         for name in ("inputs", "workers", "clusters", "broker", "seed", "timeout", "stall_rate", "stall_seconds",
-                     "client_timeout", "error_rate", "rate_429", "latency_ms"):
+                     "client_timeout", "error_rate", "rate_429", "latency_ms", "db_fault_interval", "lock_timeout_ms"):
             argv += [f"--{name.replace('_', '-')}", str(opts[name])]
-        argv += [f"--{flag.replace('_', '-')}" for flag in ("json", "naive", "naive_only", "no_kills") if opts[flag]]
+        argv += [f"--{flag.replace('_', '-')}" for flag in ("json", "naive", "naive_only", "no_kills", "db_faults") if opts[flag]]
         _ensure_database(database_url)
         env = {**os.environ, "DATABASE_URL": database_url}
         result = subprocess.run([sys.executable, "manage.py", *argv], cwd=BASE_DIR, env=env, check=False)
