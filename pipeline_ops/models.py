@@ -252,3 +252,26 @@ class StuckAttempt(Attempt):
         proxy = True
         verbose_name = "stuck attempt (lease expired)"
         verbose_name_plural = "stuck attempts (lease expired)"
+
+
+# --- API tokens, stored hashed (issue 13) ----------------------------------------------------------
+
+
+class ApiToken(models.Model):
+    """An API client's token, stored as its SHA-256 digest: the token itself is printed once by
+    ``create_api_client`` and cannot be read back from the database or the admin.
+
+    A plain SHA-256 (not a slow password hash) is enough because a token is 160 random bits, not a
+    human's password: nobody can guess one from its digest, and lookups stay one indexed query."""
+
+    user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="api_tokens",
+                             help_text="The API client (a user) this token authenticates.")
+    digest = models.CharField(max_length=64, unique=True, help_text="SHA-256 (hex) of the token; the token itself is not stored.")
+    prefix = models.CharField(max_length=8, help_text="The token's first 8 characters, to tell tokens apart (not enough to use one).")
+    created_at = models.DateTimeField(auto_now_add=True, help_text="When the token was issued.")
+
+    class Meta:
+        verbose_name = "API token"
+
+    def __str__(self) -> str:
+        return f"{self.prefix}… ({self.user_id})"

@@ -31,6 +31,8 @@ def env_int(name: str, default: int) -> int:
 
 
 DEBUG = env_bool("DEBUG", False)
+# Dates in the console with seconds and the time zone (pipeline_ops/formats/en/formats.py).
+FORMAT_MODULE_PATH = "pipeline_ops.formats"
 SECRET_KEY = os.environ.get("SECRET_KEY", "")
 if not SECRET_KEY:
     if not DEBUG and not env_bool("PIPELINE_OPS_INSECURE_DEV_KEY", False):
@@ -112,13 +114,6 @@ else:
     _db["CONN_MAX_AGE"] = env_int("CONN_MAX_AGE", 600)
     _db["CONN_HEALTH_CHECKS"] = True
     _db["TEST"] = {"NAME": f"test_pipeline_ops_{TEST_DB_TAG}"}
-    # `chaos --db-faults` only (pipeline_ops/chaos/dbfaults.py): the worker clusters' connections
-    # carry a name the driver finds in pg_stat_activity to pg_terminate_backend them, and a short
-    # lock_timeout for this process's sessions alone. Unset (production): nothing changes.
-    if os.environ.get("PIPELINE_OPS_DB_APPLICATION_NAME"):
-        _db.setdefault("OPTIONS", {})["application_name"] = os.environ["PIPELINE_OPS_DB_APPLICATION_NAME"]
-    if os.environ.get("PIPELINE_OPS_DB_LOCK_TIMEOUT_MS"):
-        _db.setdefault("OPTIONS", {})["options"] = f"-c lock_timeout={int(os.environ['PIPELINE_OPS_DB_LOCK_TIMEOUT_MS'])}"
 DATABASES = {"default": _db}
 DATABASE_IS_SQLITE = _db["ENGINE"] == "django.db.backends.sqlite3"
 
@@ -219,7 +214,8 @@ PIPELINE_OPS_RETRY_RATE = float(os.environ.get("PIPELINE_OPS_RETRY_RATE", "5"))
 # --- Django REST framework ----------------------------------------------------------------------
 REST_FRAMEWORK = {
     "DEFAULT_AUTHENTICATION_CLASSES": [
-        "rest_framework.authentication.TokenAuthentication",
+        # DRF's "Authorization: Token <token>", looked up by its SHA-256 (tokens are stored hashed).
+        "pipeline_ops.api.authentication.HashedTokenAuthentication",
         "rest_framework.authentication.SessionAuthentication",
     ],
     "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],

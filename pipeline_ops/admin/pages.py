@@ -470,3 +470,38 @@ class OperatorActionAdmin(ReadOnlyMixin, admin.ModelAdmin):
     def short_reason(self, obj):
         return _short(obj.reason, 60)
 
+
+
+# --- API tokens: stored hashed, never shown -------------------------------------------------------------
+
+from rest_framework.authtoken.admin import TokenProxy  # noqa: E402
+
+from ..models import ApiToken  # noqa: E402
+
+if admin.site.is_registered(TokenProxy):
+    # DRF's page listed every client's token in full; tokens are now stored hashed (ApiToken)
+    # and DRF's table stays empty (migration 0004 hashed and deleted the old rows).
+    admin.site.unregister(TokenProxy)
+
+
+@admin.register(ApiToken)
+class ApiTokenAdmin(admin.ModelAdmin):
+    """Who holds a token and since when; the token itself is not stored. Issue one with
+    ``manage.py create_api_client NAME``; delete the row to revoke it."""
+
+    list_display = ("prefix_shown", "user", "created_at")
+    list_select_related = ("user",)
+    search_fields = ("=user__username", "prefix")
+    readonly_fields = ("user", "prefix_shown", "created_at")
+    fields = readonly_fields
+    ordering = ("-created_at",)
+
+    @admin.display(description="token")
+    def prefix_shown(self, obj):
+        return f"{obj.prefix}… (the rest is not stored)"
+
+    def has_add_permission(self, request):
+        return False
+
+    def has_change_permission(self, request, obj=None):
+        return False

@@ -15,7 +15,8 @@ from django.contrib.auth import get_user_model
 from django.contrib.auth.models import Permission
 from django.core.cache import cache
 from django.db import connection
-from rest_framework.authtoken.models import Token
+
+from pipeline_ops.services.tokens import api_token_create
 from rest_framework.test import APIClient
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -44,10 +45,10 @@ def make_client(db):
                 content_type__app_label="pipeline_ops",
                 codename__in=["retry_steprun", "force_retry_steprun", "cancel_pipelineinput", "view_pipelineinput"],
             ))
-        token = Token.objects.create(user=user)
+        _, token = api_token_create(user=user)
         client = APIClient()
-        client.credentials(HTTP_AUTHORIZATION=f"Token {token.key}")
-        return user, token.key, client
+        client.credentials(HTTP_AUTHORIZATION=f"Token {token}")
+        return user, token, client
 
     return make
 
@@ -147,9 +148,9 @@ def live_client(transactional_db):
 
     def make(name: str) -> requests.Session:
         user = get_user_model().objects.create_user(username=name)
-        token = Token.objects.create(user=user)
+        _, token = api_token_create(user=user)
         session = requests.Session()
-        session.headers["Authorization"] = f"Token {token.key}"
+        session.headers["Authorization"] = f"Token {token}"
         return session
 
     return make

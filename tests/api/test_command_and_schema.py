@@ -7,7 +7,9 @@ import pytest
 import yaml
 from django.contrib.auth import get_user_model
 from django.core.management import CommandError, call_command
-from rest_framework.authtoken.models import Token
+
+from pipeline_ops.models import ApiToken
+from pipeline_ops.services.tokens import api_token_digest
 from rest_framework.test import APIClient
 
 pytestmark = pytest.mark.django_db
@@ -18,7 +20,8 @@ def test_create_api_client_prints_a_working_token_once_when_the_name_is_new():
     call_command("create_api_client", "acme", stdout=out, stderr=err)
     token = out.getvalue().strip()
     user = get_user_model().objects.get(username="acme")
-    assert Token.objects.get(user=user).key == token
+    stored = ApiToken.objects.get(user=user)
+    assert stored.digest == api_token_digest(token=token) and token not in (stored.digest, stored.prefix)
     assert not user.has_usable_password()
     assert "shown only once" in err.getvalue()
     client = APIClient()
@@ -30,7 +33,7 @@ def test_create_api_client_fails_with_command_error_when_the_name_exists():
     call_command("create_api_client", "acme", stdout=StringIO(), stderr=StringIO())
     with pytest.raises(CommandError, match="already exists"):
         call_command("create_api_client", "acme", stdout=StringIO(), stderr=StringIO())
-    assert Token.objects.count() == 1
+    assert ApiToken.objects.count() == 1
 
 
 def test_create_api_client_fails_with_command_error_when_the_name_is_invalid():

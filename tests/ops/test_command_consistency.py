@@ -6,7 +6,9 @@ import json
 
 import pytest
 from django.core.management import CommandError, call_command, load_command_class
-from rest_framework.authtoken.models import Token
+
+from pipeline_ops.models import ApiToken
+from pipeline_ops.services.tokens import api_token_digest
 
 COMMANDS = {
     "submit": "pipeline_ops", "retry_failed": "pipeline_ops", "pipeline_status": "pipeline_ops",
@@ -35,7 +37,7 @@ def test_create_api_client_prints_one_json_object_when_json_is_given():
 
     created = json.loads(out.getvalue())
     assert created["name"] == "ops-json-client" and created["operator"] is False
-    assert Token.objects.get(key=created["token"]).user_id == created["user_id"]
+    assert ApiToken.objects.get(digest=api_token_digest(token=created["token"])).user_id == created["user_id"]
 
 
 @pytest.mark.django_db

@@ -139,10 +139,10 @@ def test_http_responses_are_counted_by_status_and_code_when_the_api_answers_409_
     (409), and a key reused with another body (422)."""
     from idempotency import guard
     from idempotency.drf import request_fingerprint
-    from rest_framework.authtoken.models import Token
+    from pipeline_ops.services.tokens import api_token_create
 
     user = django_user_model.objects.create_user(username="metrics-409-422")
-    auth = {"HTTP_AUTHORIZATION": f"Token {Token.objects.create(user=user).key}"}
+    auth = {"HTTP_AUTHORIZATION": f"Token {api_token_create(user=user)[1]}"}
     body = {"pipeline": "default", "payload": {"text": "held"}}
     # The first request holding "k-409" is still running (it claimed the key and has not finished).
     guard.claim(scope=f"api:{user.pk}", key="k-409", operation="POST /api/v1/inputs/",
@@ -168,14 +168,14 @@ def test_http_responses_are_counted_by_status_and_code_when_the_api_answers_409_
 
 def test_api_conflict_is_counted_when_a_real_request_gets_one(client, django_user_model):
     """Through the whole stack: a POST without Idempotency-Key is a 400 with a stable code."""
-    from rest_framework.authtoken.models import Token
+    from pipeline_ops.services.tokens import api_token_create
 
     user = django_user_model.objects.create_user(username="metrics-client")
-    token = Token.objects.create(user=user)
+    _, token = api_token_create(user=user)
     before = scrape(client).get("pipeline_ops_http_responses_total", {})
 
     response = client.post("/api/v1/inputs/", data={"pipeline": "default", "payload": {"text": "x"}},
-                           content_type="application/json", HTTP_AUTHORIZATION=f"Token {token.key}")
+                           content_type="application/json", HTTP_AUTHORIZATION=f"Token {token}")
     code = response.json().get("code")
     assert response.status_code == 400 and code
 

@@ -6,7 +6,8 @@ from django.contrib.auth.models import Permission
 from django.core.exceptions import ValidationError
 from django.core.management.base import BaseCommand, CommandError
 from django.db import IntegrityError, transaction
-from rest_framework.authtoken.models import Token
+
+from pipeline_ops.services.tokens import api_token_create
 
 OPERATOR_PERMISSIONS = ["retry_steprun", "cancel_pipelineinput", "view_pipelineinput"]
 
@@ -38,7 +39,7 @@ class Command(BaseCommand):
                 user.save(force_insert=True)  # the unique username decides, not a lookup
                 if operator:
                     user.user_permissions.add(*Permission.objects.filter(content_type__app_label="pipeline_ops", codename__in=OPERATOR_PERMISSIONS))
-                token = Token.objects.create(user=user)
+                _, token = api_token_create(user=user)  # stored hashed: this is the only time it is seen
         except IntegrityError:
             raise CommandError(f"An API client (user) named {name!r} already exists.") from None
         except ValidationError as exc:  # a name Django's username validator refuses
@@ -46,7 +47,7 @@ class Command(BaseCommand):
         if json:
             import json as json_module
 
-            self.stdout.write(json_module.dumps({"name": name, "user_id": user.pk, "token": token.key, "operator": operator}))
+            self.stdout.write(json_module.dumps({"name": name, "user_id": user.pk, "token": token, "operator": operator}))
         else:
-            self.stdout.write(token.key)
+            self.stdout.write(token)
         self.stderr.write(f"Created API client {name!r}{' (operator)' if operator else ''}. The token above is shown only once.")
