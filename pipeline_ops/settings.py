@@ -114,6 +114,13 @@ else:
     _db["CONN_MAX_AGE"] = env_int("CONN_MAX_AGE", 600)
     _db["CONN_HEALTH_CHECKS"] = True
     _db["TEST"] = {"NAME": f"test_pipeline_ops_{TEST_DB_TAG}"}
+    # `chaos --db-faults` only (pipeline_ops/chaos/dbfaults.py): the worker clusters' connections
+    # carry a name the driver finds in pg_stat_activity to pg_terminate_backend them, and a short
+    # lock_timeout for this process's sessions alone. Unset (production): nothing changes.
+    if os.environ.get("PIPELINE_OPS_DB_APPLICATION_NAME"):
+        _db.setdefault("OPTIONS", {})["application_name"] = os.environ["PIPELINE_OPS_DB_APPLICATION_NAME"]
+    if os.environ.get("PIPELINE_OPS_DB_LOCK_TIMEOUT_MS"):
+        _db.setdefault("OPTIONS", {})["options"] = f"-c lock_timeout={int(os.environ['PIPELINE_OPS_DB_LOCK_TIMEOUT_MS'])}"
 DATABASES = {"default": _db}
 DATABASE_IS_SQLITE = _db["ENGINE"] == "django.db.backends.sqlite3"
 
