@@ -104,6 +104,7 @@ class StepRun(models.Model):
             ("retry_steprun", "Can retry step runs (safely: completed and running steps are skipped)"),
             ("force_retry_steprun", "Can force a retry of a running step (fences its live attempt)"),
             ("release_lease_steprun", "Can release a stuck lease"),
+            ("discard_steprun", "Can discard a dead (terminally failed) step run"),
         ]
         constraints = [
             models.UniqueConstraint(fields=["input", "step"], name="step_run_input_step_uniq"),
@@ -157,6 +158,7 @@ class OperatorAction(models.Model):
         FORCE_RETRY = "force_retry", "Forced retry"
         CANCEL = "cancel", "Cancel"
         RELEASE_LEASE = "release_lease", "Release stuck lease"
+        DISCARD = "discard", "Discard a dead step"
 
     class Source(models.TextChoices):
         ADMIN = "admin", "Admin"
@@ -275,3 +277,40 @@ class ApiToken(models.Model):
 
     def __str__(self) -> str:
         return f"{self.prefix}… ({self.user_id})"
+
+
+# --- Sidekiq's Retries and Dead sets, as step-run pages (proxy models with filtering managers) ---------
+
+
+class _StepRunsWithStatus(models.Manager.from_queryset(StepRunQuerySet)):
+    def __init__(self, status: str):
+        super().__init__()
+        self.status = status
+
+    def get_queryset(self):
+        return super().get_queryset().filter(status=self.status)
+
+    def deconstruct(self):  # migrations record the manager's argument
+        return (False, f"{type(self).__module__}.{type(self).__name__}", None, (self.status,), {})
+
+
+class RetryingStepRun(StepRun):
+    """Steps waiting for a due retry (RETRY_WAIT): the reconciler sends each when due."""
+
+    objects = _StepRunsWithStatus(StepStatus.RETRY_WAIT)
+
+    class Meta:
+        proxy = True
+        verbose_name = "retry (step waiting to retry)"
+        verbose_name_plural = "retries (steps waiting to retry)"
+
+
+class DeadStepRun(StepRun):
+    """Steps that failed for good (FAILED): nothing retries them unless an operator does."""
+
+    objects = _StepRunsWithStatus(StepStatus.FAILED)
+
+    class Meta:
+        proxy = True
+        verbose_name = "dead step (failed for good)"
+        verbose_name_plural = "dead steps (failed for good)"

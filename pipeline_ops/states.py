@@ -20,10 +20,14 @@ class StepStatus(models.TextChoices):
     SUCCEEDED = "SUCCEEDED", "Succeeded"
     FAILED = "FAILED", "Failed"
     CANCELLED = "CANCELLED", "Cancelled"
+    # An operator gave up on a FAILED step (services.discard): it leaves the Dead page and is
+    # never retried. Not CANCELLED, which means the input was stopped before it could fail, and
+    # not FAILED, which the Dead page lists: the audit row says who gave up and why.
+    DISCARDED = "DISCARDED", "Discarded by an operator"
 
 
 INPUT_TERMINAL = frozenset({InputStatus.SUCCEEDED, InputStatus.FAILED, InputStatus.CANCELLED})
-STEP_TERMINAL = frozenset({StepStatus.SUCCEEDED, StepStatus.FAILED, StepStatus.CANCELLED})
+STEP_TERMINAL = frozenset({StepStatus.SUCCEEDED, StepStatus.FAILED, StepStatus.CANCELLED, StepStatus.DISCARDED})
 
 STEP_TRANSITIONS: dict[str, frozenset[str]] = {
     StepStatus.PENDING: frozenset({StepStatus.QUEUED, StepStatus.CANCELLED}),
@@ -34,9 +38,10 @@ STEP_TRANSITIONS: dict[str, frozenset[str]] = {
     StepStatus.RETRY_WAIT: frozenset({StepStatus.QUEUED, StepStatus.RUNNING, StepStatus.CANCELLED}),
     # An operator's retry re-queues a failed step (RETRY_WAIT when a bulk retry is spread out
     # at PIPELINE_OPS_RETRY_RATE); nothing leaves SUCCEEDED or CANCELLED.
-    StepStatus.FAILED: frozenset({StepStatus.QUEUED, StepStatus.RETRY_WAIT}),
+    StepStatus.FAILED: frozenset({StepStatus.QUEUED, StepStatus.RETRY_WAIT, StepStatus.DISCARDED}),
     StepStatus.SUCCEEDED: frozenset(),
     StepStatus.CANCELLED: frozenset(),
+    StepStatus.DISCARDED: frozenset(),
 }
 
 

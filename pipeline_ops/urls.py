@@ -1,11 +1,17 @@
 from django.contrib import admin
-from django.urls import include, path
+from django.templatetags.static import static
+from django.urls import include, path, reverse_lazy
+from django.views.generic import RedirectView
 from drf_spectacular.views import SpectacularAPIView, SpectacularRedocView, SpectacularSwaggerView
 
 from pipeline_ops.observability.health import healthz_view
 from pipeline_ops.observability.metrics import metrics_view
 
 urlpatterns = [
+    # The site's root is the operators' dashboard (the admin's "View site" link leads here).
+    path("", RedirectView.as_view(url=reverse_lazy("admin:pipeline_ops_dashboard")), name="home"),
+    # Browsers ask for /favicon.ico whatever the page says.
+    path("favicon.ico", RedirectView.as_view(url=static("pipeline_ops/favicon.svg"), permanent=True)),
     path("admin/", admin.site.urls),
     path("healthz", healthz_view, name="healthz"),
     path("metrics", metrics_view, name="metrics"),

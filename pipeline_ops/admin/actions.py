@@ -37,13 +37,22 @@ def confirm_then_run(
     button: str,
     plan: Callable[[], list[Decision]],
     run: Callable[[str], ActionReport],
+    will: dict[str, str] | None = None,
     danger: bool = False,
 ):
-    """First POST (from the action menu): show the plan and ask for a reason. Second POST
-    (``post=yes`` with a reason): run the service, log each object acted on, one message."""
+    """First POST (from the action menu) or GET (a row's button): show the plan and ask for a
+    reason. Second POST (``post=yes`` with a reason): run the service, log each object acted on,
+    one message. ``will`` maps a decision's kind to what the action will do to such a target
+    (the decision's own reason says what the target is now)."""
+    will = will or {}
     form = ReasonForm(request.POST if request.POST.get("post") == "yes" else None)
     if request.POST.get("post") == "yes" and form.is_valid():
         reason = form.cleaned_data["reason"]
+        if not any(d.acts for d in plan()):
+            # Nothing to do (the button was disabled; a crafted or stale POST): write nothing,
+            # not even skipped audit rows, and say so.
+            modeladmin.message_user(request, f"{title}: nothing to do, every selected item is skipped; nothing was written.", messages.WARNING)
+            return None
         report = run(reason)
         for decision in report.decisions:
             if decision.acts:
@@ -69,7 +78,7 @@ def confirm_then_run(
         # "items must be selected" check happy. Otherwise the ids travel as in delete_selected.
         "selected_ids": ([str(queryset.values_list("pk", flat=True).first())] if select_across
                           else [str(pk) for pk in request.POST.getlist(helpers.ACTION_CHECKBOX_NAME)]),
-        "acting": acting[:CONFIRMATION_LIST_LIMIT],
+        "acting": [(d, will.get(d.kind, d.reason)) for d in acting[:CONFIRMATION_LIST_LIMIT]],
         "skipping": skipping[:CONFIRMATION_LIST_LIMIT],
         "acting_count": len(acting),
         "skipping_count": len(skipping),

@@ -4,10 +4,12 @@ from __future__ import annotations
 from django.contrib import admin
 from django.core.exceptions import PermissionDenied
 from django.template.response import TemplateResponse
+from django.urls import reverse
 from django.utils import timezone
 
 from idempotency.states import AttemptStatus
 
+from ..models import DeadStepRun, RetryingStepRun
 from ..selectors import dashboard_get
 from ..states import InputStatus
 
@@ -37,7 +39,8 @@ def throughput_chart(points) -> dict:
             local = timezone.localtime(point.start)
             bars.append({"x": round(x, 1), "y": round(y, 1), "w": round(max(slot - 2, 1), 1), "h": round(height, 1), "colour": colour,
                          "title": f"{local:%H:%M}: {value} {attr}"})
-        if index % 3 == 0:
+        # Every third hour, and always the last bar (the current hour).
+        if index % 3 == 0 or index == len(points) - 1:
             labels.append({"x": round(x + slot / 2, 1), "text": f"{timezone.localtime(point.start):%H:%M}"})
     grid = [{"y": round(10 + plot_h - plot_h * f, 1), "value": round(peak * f)} for f in (0, 0.5, 1)]
     return {
@@ -67,13 +70,18 @@ def dashboard_view(request):
         **admin.site.each_context(request),
         "title": "Operations dashboard",
         "data": data,
+        "retries": RetryingStepRun.objects.count(),
+        "dead": DeadStepRun.objects.count(),
+        "live_url": reverse("admin:pipeline_ops_live") + "?view=dashboard",
         "input_rows": [(label, value, data.inputs_last_hour[value], data.inputs_last_day[value]) for value, label in statuses],
         "chart": throughput_chart(data.series),
         "oldest_age": age_text(data.leases.oldest_processing_age_seconds),
         "attempt_rows": [(label, value, data.attempts_by_status[value]) for value, label in AttemptStatus.choices],
         "rates": [
             {"step": r.step, "succeeded": r.succeeded, "failed": r.failed, "active": r.active,
-             "rate": None if r.rate is None else round(r.rate * 100, 1), "width": round((r.rate or 0) * 200, 1)}
+             "attempts": r.attempts, "attempts_failed": r.attempts_failed,
+             "rate": None if r.attempt_rate is None else round(r.attempt_rate * 100, 1), "width": round((r.attempt_rate or 0) * 200, 1),
+             "run_rate": None if r.rate is None else round(r.rate * 100, 1)}
             for r in data.step_failure_rates
         ],
     }

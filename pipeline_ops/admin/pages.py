@@ -8,26 +8,43 @@ counts, filters whose choices come from settings rather than DISTINCT scans.
 """
 from __future__ import annotations
 
+import json
+import threading
 import uuid
+from urllib.parse import quote
 from datetime import timedelta
 
 from django.conf import settings
 from django.contrib import admin
-from django.db.models import IntegerField, OuterRef, Subquery, Sum
+from django.core.exceptions import PermissionDenied
+from django.db.models import F as models_F
+from django.db.models import IntegerField, OuterRef, Q, Subquery, Sum
 from django.db.models.functions import Coalesce
-from django.urls import reverse
+from django.http import Http404, HttpResponseRedirect
+from django.urls import path, reverse
+from django.utils.http import url_has_allowed_host_and_scheme
 from django.utils import timezone
 from django.utils.html import format_html
+from django.utils.safestring import mark_safe
 from django.utils.text import Truncator
 
 from idempotency.admin import AttemptAdmin as BaseAttemptAdmin
 from idempotency.admin import CappedCountPaginator
 
-from ..models import FailedAttempt, FencedAttempt, OperatorAction, PipelineInput, StepRun, StepOutput, StuckAttempt, UnknownOutcomeAttempt
+from ..models import (
+    DeadStepRun, FailedAttempt, FencedAttempt, OperatorAction, PipelineInput, RetryingStepRun, StepOutput, StepRun, StuckAttempt,
+    UnknownOutcomeAttempt,
+)
 from ..selectors.steps import step_run_key_parse, step_runs_for_records
-from ..services import operations
+from ..services import discard, operations
+from ..states import StepStatus
 from .actions import confirm_then_run
 from .timeline import input_timeline
+
+# "View site" leads to the site's root, which redirects to the dashboard (pipeline_ops/urls.py).
+admin.site.site_url = "/"
+admin.site.site_header = "pipeline-ops console"
+admin.site.site_title = "pipeline-ops"
 
 LIST_TEXT_CHARS = 80  # long payloads and errors are cut in lists; the detail page has them whole
 
@@ -42,6 +59,43 @@ def _duration(start, end) -> str:
     seconds = ((end or timezone.now()) - start).total_seconds()
     text = f"{seconds:.1f} s" if seconds < 120 else (f"{seconds / 60:.1f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h")
     return text if end else f"{text} (running)"
+
+
+def _duration_text(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 120 else (f"{seconds / 60:.0f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h")
+
+
+def uuid_prefix_range(term: str) -> tuple[uuid.UUID, uuid.UUID] | None:
+    """The ids starting with ``term`` (the short ids the lists show, with or without dashes) as
+    an id range: one index range scan on both databases (PostgreSQL's uuid order and SQLite's
+    hex text order are the same)."""
+    digits = term.replace("-", "").lower()
+    if not 4 <= len(digits) <= 32 or any(c not in "0123456789abcdef" for c in digits):
+        return None
+    return uuid.UUID(digits.ljust(32, "0")), uuid.UUID(digits.ljust(32, "f"))
+
+
+def _json(value, chars: int | None = None) -> str:
+    text = json.dumps(value, ensure_ascii=False, sort_keys=True, default=str)
+    return _short(text, chars) if chars else text
+
+
+def _step_state(status: str | None) -> str:
+    if not status:
+        return "—"
+    return format_html('<span class="status status-{}">{}</span>', status.lower(), StepStatus(status).label)
+
+
+class LiveListMixin:
+    """The list polls ``live_view`` and offers a reload when it changed (static/pipeline_ops/live.js)."""
+
+    def changelist_view(self, request, extra_context=None):
+        from .live import LISTS
+
+        extra_context = extra_context or {}
+        if self.model._meta.model_name in LISTS:
+            extra_context["live_url"] = reverse("admin:pipeline_ops_live") + f"?view=list&model={self.model._meta.model_name}"
+        return super().changelist_view(request, extra_context)
 
 
 class ReadOnlyMixin:
@@ -73,6 +127,9 @@ class PermissionMixin:
 
     def has_cancel_permission(self, request):
         return request.user.has_perm("pipeline_ops.cancel_pipelineinput")
+
+    def has_discard_permission(self, request):
+        return request.user.has_perm("pipeline_ops.discard_steprun")
 
 
 # --- filters whose choices cost no query ------------------------------------------------------
@@ -159,18 +216,18 @@ class StepRunInline(admin.TabularInline):
 
 
 @admin.register(PipelineInput)
-class PipelineInputAdmin(PermissionMixin, ReadOnlyMixin, admin.ModelAdmin):
-    list_display = ("short_id", "pipeline", "status", "client", "created_at", "duration", "attempts", "payload_preview")
+class PipelineInputAdmin(LiveListMixin, PermissionMixin, ReadOnlyMixin, admin.ModelAdmin):
+    list_display = ("short_id", "pipeline", "status", "client", "created_at", "duration", "attempts", "failed_step", "payload_preview")
     list_filter = ("status", PipelineFilter, CreatedWithinFilter)
     list_select_related = ("submitted_by",)
     search_fields = ("idempotency_key",)
-    search_help_text = "An input id (full UUID), or an idempotency key (exact)."
+    search_help_text = "An input id or its first characters (the short id shown, at least 4), or an idempotency key or its start."
     ordering = ("-created_at",)
     show_full_result_count = False
     list_per_page = 50
     actions = ["retry_inputs", "force_retry_inputs", "cancel_inputs"]
     change_form_template = "admin/pipeline_ops/pipelineinput/change_form.html"
-    readonly_fields = ("id", "pipeline", "status", "submitted_by", "submission_scope", "idempotency_key", "payload", "created_at", "updated_at", "finished_at")
+    readonly_fields = ("id", "pipeline", "status", "submitted_by", "submission_scope", "idempotency_key", "payload_json", "created_at", "updated_at", "finished_at")
     fields = readonly_fields
 
     def get_urls(self):
@@ -180,7 +237,13 @@ class PipelineInputAdmin(PermissionMixin, ReadOnlyMixin, admin.ModelAdmin):
 
         # The dashboard hangs off this admin so it needs no project URL of its own:
         # /admin/pipeline_ops/pipelineinput/dashboard/ (staff only, via admin_view).
-        custom = [path("dashboard/", self.admin_site.admin_view(dashboard_view), name="pipeline_ops_dashboard")]
+        from .live import live_view
+
+        custom = [
+            path("dashboard/", self.admin_site.admin_view(dashboard_view), name="pipeline_ops_dashboard"),
+            # The small JSON view the console's pages poll for live updates (static/pipeline_ops/live.js).
+            path("live/", self.admin_site.admin_view(live_view), name="pipeline_ops_live"),
+        ]
         return custom + super().get_urls()
 
     def get_queryset(self, request):
@@ -188,20 +251,29 @@ class PipelineInputAdmin(PermissionMixin, ReadOnlyMixin, admin.ModelAdmin):
             StepRun.objects.filter(input=OuterRef("pk")).order_by().values("input")
             .annotate(total=Sum("attempts_used")).values("total")
         )
+        # The step that failed (or is waiting to retry, or was discarded) and its error: two
+        # correlated subqueries on the (input, position) index, 50 rows a page.
+        broken = StepRun.objects.filter(
+            input=OuterRef("pk"), status__in=[StepStatus.FAILED, StepStatus.RETRY_WAIT, StepStatus.DISCARDED]
+        ).order_by("position")
         return super().get_queryset(request).annotate(
-            attempts_total=Coalesce(Subquery(attempts, output_field=IntegerField()), 0)
+            attempts_total=Coalesce(Subquery(attempts, output_field=IntegerField()), 0),
+            failed_step_name=Subquery(broken.values("step")[:1]),
+            failed_step_status=Subquery(broken.values("status")[:1]),
+            failed_step_error=Subquery(broken.values("last_error")[:1]),
         )
 
     def get_search_results(self, request, queryset, search_term):
-        # A UUID is an input id; anything else an idempotency key. Exact matches only: a LIKE
-        # over 100k payloads is not a search an operator wants to wait for.
+        # An id or the start of one (the short id the list shows) is an id range; anything is
+        # also the start of an idempotency key. Never a LIKE over the payloads.
         term = search_term.strip()
         if not term:
             return queryset, False
-        try:
-            return queryset.filter(pk=uuid.UUID(term)), False
-        except ValueError:
-            return queryset.filter(idempotency_key=term), False
+        found = Q(idempotency_key__startswith=term)
+        ids = uuid_prefix_range(term)
+        if ids is not None:
+            found |= Q(pk__range=ids)
+        return queryset.filter(found), False
 
     @admin.display(description="input", ordering="pk")
     def short_id(self, obj):
@@ -221,7 +293,18 @@ class PipelineInputAdmin(PermissionMixin, ReadOnlyMixin, admin.ModelAdmin):
 
     @admin.display(description="payload")
     def payload_preview(self, obj):
-        return _short(str(obj.payload), 60)
+        return _json(obj.payload, 60)
+
+    @admin.display(description="failed step / last error")
+    def failed_step(self, obj):
+        if not obj.failed_step_name:
+            return "—"
+        return format_html("<strong>{}</strong> {} <span class=\"error-text\">{}</span>", obj.failed_step_name,
+                           _step_state(obj.failed_step_status), _short(obj.failed_step_error, 90))
+
+    @admin.display(description="payload")
+    def payload_json(self, obj):
+        return format_html('<pre class="payload-json">{}</pre>', json.dumps(obj.payload, ensure_ascii=False, indent=2, sort_keys=True))
 
     def change_view(self, request, object_id, form_url="", extra_context=None):
         extra_context = extra_context or {}
@@ -231,8 +314,15 @@ class PipelineInputAdmin(PermissionMixin, ReadOnlyMixin, admin.ModelAdmin):
             pipeline_input = None
         if pipeline_input is not None:
             extra_context["timeline"] = input_timeline(pipeline_input=pipeline_input)
+            extra_context["live_url"] = reverse("admin:pipeline_ops_live") + f"?view=input&id={pipeline_input.pk}"
             extra_context["can_retry"] = self.has_retry_permission(request)
+            extra_context["can_force_retry"] = self.has_force_retry_permission(request)
             extra_context["can_cancel"] = self.has_cancel_permission(request)
+            extra_context["timeline_actions"] = [
+                ("retry_inputs", extra_context["can_retry"]),
+                ("force_retry_inputs", extra_context["can_force_retry"]),
+                ("cancel_inputs", extra_context["can_cancel"]),
+            ]
         return super().change_view(request, object_id, form_url, extra_context)
 
     @admin.action(permissions=["retry"], description="Retry safely (failed and stuck steps; completed ones are skipped)")
@@ -272,8 +362,24 @@ class PipelineInputAdmin(PermissionMixin, ReadOnlyMixin, admin.ModelAdmin):
 # --- step runs ---------------------------------------------------------------------------------
 
 
+RETRY_WILL = {
+    operations.KIND_FAILED: "queued again: its key is reopened and a new attempt runs",
+    operations.KIND_WAITING: "queued now instead of at its retry time",
+    operations.KIND_STUCK: "the stuck attempt is fenced (TIMED_OUT now, FENCED if it ever finishes); a new attempt is queued",
+    operations.KIND_FORCED: "the live attempt is fenced (its late result will be refused); a new attempt is queued",
+}
+CANCEL_WILL = {operations.KIND_ACTIVE: "cancelled: its pending and queued steps stop; a running attempt is fenced if it finishes"}
+RELEASE_WILL = {operations.KIND_STUCK: "lease released: the stuck attempt becomes TIMED_OUT; the step waits, due now, for the reconciler's next pass"}
+DISCARD_WILL = {discard.KIND_DEAD: "discarded: it leaves the Dead page and is never retried; the input stays failed"}
+
+
+def _spread_text() -> str:
+    rate = operations.retry_rate_per_second()
+    return f" Several steps are spread out at {rate:g} per second (the first goes at once)." if rate > 0 else ""
+
+
 class StepRunActionsMixin(PermissionMixin):
-    """Retry / forced retry / release on any page whose rows lead to step runs."""
+    """Retry / forced retry / release / discard on any page whose rows lead to step runs."""
 
     def step_runs_of(self, queryset):
         return queryset
@@ -283,10 +389,9 @@ class StepRunActionsMixin(PermissionMixin):
         steps = self.step_runs_of(queryset)
         return confirm_then_run(
             self, request, queryset, action_name="retry_steps", title="Retry safely",
-            intro="Failed, waiting and stuck steps are queued again (spread out at "
-                  f"{operations.retry_rate_per_second():g} per second). Completed, running, cancelled and not yet "
-                  "started steps are skipped.",
-            button="Retry",
+            intro="Failed, waiting and stuck steps are queued again. Completed, running, cancelled, discarded and not yet "
+                  "started steps are skipped." + _spread_text(),
+            button="Retry", will=RETRY_WILL,
             plan=lambda: operations.step_runs_retry_plan(step_runs=steps),
             run=lambda reason: operations.step_runs_retry(step_runs=steps, actor=request.user, reason=reason, source="admin"),
         )
@@ -297,8 +402,8 @@ class StepRunActionsMixin(PermissionMixin):
         return confirm_then_run(
             self, request, queryset, action_name="force_retry_steps", title="Forced retry", danger=True,
             intro="As a safe retry, but a step whose attempt holds a live lease is taken away from it: that attempt "
-                  "is fenced (its late result will be refused) and a new attempt is queued.",
-            button="Force the retry",
+                  "is fenced (its late result will be refused) and a new attempt is queued." + _spread_text(),
+            button="Force the retry", will=RETRY_WILL,
             plan=lambda: operations.step_runs_retry_plan(step_runs=steps, force=True),
             run=lambda reason: operations.step_runs_retry(step_runs=steps, actor=request.user, reason=reason, source="admin", force=True),
         )
@@ -310,35 +415,137 @@ class StepRunActionsMixin(PermissionMixin):
             self, request, queryset, action_name="release_leases", title="Release stuck leases", danger=True,
             intro="Keys whose lease expired are taken from their stuck attempt (it is fenced if it ever finishes) and the "
                   "step waits for the reconciler's next pass. Live leases are refused: use a forced retry.",
-            button="Release",
+            button="Release", will=RELEASE_WILL,
             plan=lambda: operations.step_runs_release_lease_plan(step_runs=steps),
             run=lambda reason: operations.step_runs_release_lease(step_runs=steps, actor=request.user, reason=reason, source="admin"),
         )
 
+    @admin.action(permissions=["discard"], description="Discard dead steps (give up: never retried)")
+    def discard_steps(self, request, queryset):
+        steps = self.step_runs_of(queryset)
+        return confirm_then_run(
+            self, request, queryset, action_name="discard_steps", title="Discard dead steps", danger=True,
+            intro="Steps that failed for good are given up on: each becomes DISCARDED, leaves the Dead page and is never "
+                  "retried; its input stays failed. Any other step is skipped.",
+            button="Discard", will=DISCARD_WILL,
+            plan=lambda: discard.step_runs_discard_plan(step_runs=steps),
+            run=lambda reason: discard.step_runs_discard(step_runs=steps, actor=request.user, reason=reason, source="admin"),
+        )
+
+    # --- one row's buttons: the same confirmation page and audit row, for one step run -----------
+
+    def row_buttons(self, step_run_id, *, retry: bool = True, discard_: bool = False, request_path: str = "") -> str:
+        if step_run_id is None:
+            return "—"
+        buttons = []
+        if retry:
+            url = reverse("admin:pipeline_ops_steprun_row_retry", args=[step_run_id])
+            buttons.append(format_html('<a class="button row-retry" href="{}?next={}">Retry safely…</a>', url, quote(request_path)))
+        if discard_:
+            url = reverse("admin:pipeline_ops_steprun_row_discard", args=[step_run_id])
+            buttons.append(format_html('<a class="button row-discard" href="{}?next={}">Discard…</a>', url, quote(request_path)))
+        return mark_safe(" ".join(buttons)) if buttons else "—"  # each part built by format_html
+
+
+def _row_action_view(modeladmin, request, object_id, *, permission: str, action: str):
+    """GET: the confirmation page for one step run; POST (post=yes, a reason): run it, then back
+    to the list the button was on (``next``)."""
+    if not getattr(modeladmin, f"has_{permission}_permission")(request):
+        raise PermissionDenied
+    queryset = StepRun.objects.filter(pk=object_id) if str(object_id).isdigit() else StepRun.objects.none()
+    if not queryset.exists():
+        raise Http404("No such step run.")
+    response = getattr(modeladmin, action)(request, queryset)
+    if response is not None:
+        return response
+    target = request.GET.get("next") or ""
+    if not url_has_allowed_host_and_scheme(target, allowed_hosts={request.get_host()}, require_https=request.is_secure()):
+        target = reverse("admin:pipeline_ops_steprun_changelist")
+    return HttpResponseRedirect(target or reverse("admin:pipeline_ops_steprun_changelist"))
+
+
+_rows = threading.local()
+
+
+class RowButtonsMixin(LiveListMixin):
+    """A "do it" column for the lists whose rows lead to a step run (``step_run_pk`` annotated)."""
+
+    row_retry = True
+    row_discard = False
+
+    def changelist_view(self, request, extra_context=None):
+        # The buttons carry the list's own URL (with its filters) to come back to. Per thread:
+        # one ModelAdmin instance serves every request.
+        _rows.next_path = request.get_full_path()
+        _rows.perms = (self.has_retry_permission(request), self.has_discard_permission(request))
+        try:
+            response = super().changelist_view(request, extra_context)
+            if hasattr(response, "render"):
+                response.render()  # the rows are drawn now, while the values above are set
+            return response
+        finally:
+            _rows.next_path, _rows.perms = "", (False, False)
+
+    def get_list_display(self, request):
+        shown = list(super().get_list_display(request))
+        if (self.row_retry and self.has_retry_permission(request)) or (self.row_discard and self.has_discard_permission(request)):
+            shown.append("row_actions")
+        return shown
+
+    @admin.display(description="act")
+    def row_actions(self, obj):
+        can_retry, can_discard = getattr(_rows, "perms", (False, False))
+        return self.row_buttons(getattr(obj, "step_run_pk", None), retry=self.row_retry and can_retry,
+                                discard_=self.row_discard and can_discard, request_path=getattr(_rows, "next_path", ""))
+
+
+def _input_id_search(queryset, search_term, field="input__pk"):
+    """An input id, or its first characters (at least 4), as an id range."""
+    term = search_term.strip()
+    if not term:
+        return queryset, False
+    ids = uuid_prefix_range(term)
+    return (queryset.filter(**{f"{field}__range": ids}) if ids else queryset.none()), False
+
+
+class InputPipelineFilter(PipelineFilter):
+    def queryset(self, request, queryset):
+        return queryset.filter(input__pipeline=self.value()) if self.value() else queryset
+
 
 @admin.register(StepRun)
-class StepRunAdmin(StepRunActionsMixin, ReadOnlyMixin, admin.ModelAdmin):
+class StepRunAdmin(RowButtonsMixin, StepRunActionsMixin, ReadOnlyMixin, admin.ModelAdmin):
     list_display = ("__str__", "input_link", "step", "position", "status", "attempts_used", "next_attempt_at", "updated_at", "error")
-    list_filter = ("status", StepNameFilter)
+    list_filter = ("status", StepNameFilter, InputPipelineFilter)
     list_select_related = ("input",)
     search_fields = ("=input__id",)
-    search_help_text = "An input id (full UUID)."
+    search_help_text = "An input id or its first characters (the short id shown, at least 4)."
     ordering = ("-id",)  # newest first on the primary key: no sort over 300k rows
     show_full_result_count = False
     list_per_page = 50
-    actions = ["retry_steps", "force_retry_steps", "release_leases"]
+    actions = ["retry_steps", "force_retry_steps", "release_leases", "discard_steps"]
     readonly_fields = ("input", "step", "position", "status", "attempts_used", "next_attempt_at", "enqueued_at", "started_at",
                        "finished_at", "last_error", "idempotency_record", "created_at", "updated_at")
     fields = readonly_fields
 
+    def get_urls(self):
+        rows = [
+            path("<path:object_id>/retry/", self.admin_site.admin_view(self.row_retry_view), name="pipeline_ops_steprun_row_retry"),
+            path("<path:object_id>/discard/", self.admin_site.admin_view(self.row_discard_view), name="pipeline_ops_steprun_row_discard"),
+        ]
+        return rows + super().get_urls()
+
+    def row_retry_view(self, request, object_id):
+        return _row_action_view(self, request, object_id, permission="retry", action="retry_steps")
+
+    def row_discard_view(self, request, object_id):
+        return _row_action_view(self, request, object_id, permission="discard", action="discard_steps")
+
+    def get_queryset(self, request):
+        return super().get_queryset(request).annotate(step_run_pk=models_F("pk"))
+
     def get_search_results(self, request, queryset, search_term):
-        term = search_term.strip()
-        if not term:
-            return queryset, False
-        try:
-            return queryset.filter(input_id=uuid.UUID(term)), False
-        except ValueError:
-            return queryset.none(), False
+        return _input_id_search(queryset, search_term)
 
     @admin.display(description="input", ordering="input__created_at")
     def input_link(self, obj):
@@ -348,6 +555,58 @@ class StepRunAdmin(StepRunActionsMixin, ReadOnlyMixin, admin.ModelAdmin):
     @admin.display(description="last error")
     def error(self, obj):
         return _short(obj.last_error)
+
+
+class _StepRunPageAdmin(RowButtonsMixin, StepRunActionsMixin, ReadOnlyMixin, admin.ModelAdmin):
+    """Sidekiq's Retries and Dead sets over step runs (proxy models whose managers filter the status)."""
+
+    list_filter = (StepNameFilter, InputPipelineFilter, CreatedWithinFilter)
+    list_select_related = ("input",)
+    search_fields = ("=input__id",)
+    search_help_text = "An input id or its first characters (the short id shown, at least 4)."
+    show_full_result_count = False
+    list_per_page = 50
+    readonly_fields = StepRunAdmin.readonly_fields
+    fields = readonly_fields
+    input_link = StepRunAdmin.input_link
+    error = StepRunAdmin.error
+
+    def get_queryset(self, request):
+        return super().get_queryset(request).annotate(step_run_pk=models_F("pk"))
+
+    def get_search_results(self, request, queryset, search_term):
+        return _input_id_search(queryset, search_term)
+
+    @admin.display(description="step run", ordering="pk")
+    def step_run(self, obj):
+        url = reverse("admin:pipeline_ops_steprun_change", args=[obj.pk])
+        return format_html('<a href="{}">#{}</a>', url, obj.pk)
+
+
+@admin.register(RetryingStepRun)
+class RetriesAdmin(_StepRunPageAdmin):
+    """Steps waiting for a due retry: the reconciler sends each when due; "Retry safely" sends it now."""
+
+    list_display = ("step_run", "input_link", "step", "attempts_used", "next_attempt_at", "due_in", "error")
+    ordering = ("next_attempt_at",)  # (status, next_attempt_at) index: the next due first
+    actions = ["retry_steps", "force_retry_steps"]
+
+    @admin.display(description="due", ordering="next_attempt_at")
+    def due_in(self, obj):
+        if obj.next_attempt_at is None:
+            return "—"
+        seconds = (obj.next_attempt_at - timezone.now()).total_seconds()
+        return f"in {_duration_text(seconds)}" if seconds > 0 else f"overdue by {_duration_text(-seconds)} (the reconciler sends it)"
+
+
+@admin.register(DeadStepRun)
+class DeadAdmin(_StepRunPageAdmin):
+    """Steps that failed for good (attempts used up, a permanent error): retry them or discard them."""
+
+    list_display = ("step_run", "input_link", "step", "attempts_used", "finished_at", "error")
+    ordering = ("-id",)
+    actions = ["retry_steps", "discard_steps"]
+    row_discard = True
 
 
 @admin.register(StepOutput)
@@ -374,16 +633,36 @@ class StepOutputAdmin(ReadOnlyMixin, admin.ModelAdmin):
 # --- the operators' attempt pages ----------------------------------------------------------------
 
 
-class PipelineAttemptAdmin(StepRunActionsMixin, BaseAttemptAdmin):
-    """An attempt page that knows its step: a link to the input, and actions on the step runs."""
+class PipelineAttemptAdmin(RowButtonsMixin, StepRunActionsMixin, BaseAttemptAdmin):
+    """An attempt page that knows its step: a link to the input, the step's state now (an attempt
+    may have failed on a step that has since succeeded), and actions on the step runs."""
 
     # No status column: each page is one status.
-    list_display = ("attempt", "input_link", "step", "worker", "started_at", "duration", "error_summary", "details_preview")
+    list_display = ("attempt", "input_link", "step", "step_now", "worker", "started_at", "duration", "error_summary", "details_preview")
     list_filter = ("status", AttemptStartedWithinFilter)
     actions = ["retry_steps", "force_retry_steps"]
+    search_help_text = "A key or its start (an input id's first characters find its steps' attempts), a worker or an error type."
+
+    def get_queryset(self, request):
+        # The step run linked to the attempt's key (StepRun.idempotency_record, indexed): one
+        # correlated subquery per column, 50 rows a page.
+        step = StepRun.objects.filter(idempotency_record_id=OuterRef("record_id"))
+        return super().get_queryset(request).annotate(
+            step_run_pk=Subquery(step.values("pk")[:1]), step_run_status=Subquery(step.values("status")[:1]),
+        )
+
+    def get_search_results(self, request, queryset, search_term):
+        term = search_term.strip()
+        if not term:
+            return queryset, False
+        return queryset.filter(Q(record__key__startswith=term) | Q(worker=term) | Q(error_type=term)), False
 
     def step_runs_of(self, queryset):
         return step_runs_for_records(record_ids=set(queryset.values_list("record_id", flat=True)))
+
+    @admin.display(description="step now")
+    def step_now(self, obj):
+        return _step_state(obj.step_run_status)
 
     @admin.display(description="attempt", ordering="number")
     def attempt(self, obj):
@@ -421,12 +700,13 @@ class UnknownOutcomeAttemptAdmin(PipelineAttemptAdmin):
 class FencedAttemptAdmin(PipelineAttemptAdmin):
     list_filter = (AttemptStartedWithinFilter,)
     actions = []  # a fenced attempt's step already has its winner: nothing to retry
+    row_retry = False
 
 
 @admin.register(StuckAttempt)
 class StuckAttemptAdmin(PipelineAttemptAdmin):
     list_filter = ()
-    list_display = ("attempt", "input_link", "step", "worker", "started_at", "heartbeat_at", "lease_expired_at", "duration")
+    list_display = ("attempt", "input_link", "step", "step_now", "worker", "started_at", "heartbeat_at", "lease_expired_at", "duration")
     actions = ["release_leases", "retry_steps"]
 
     @admin.display(description="lease expired at", ordering="record__lease_expires_at")

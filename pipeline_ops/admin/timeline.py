@@ -1,6 +1,7 @@
 """An input's step timeline: every step, every attempt, drawn as a server-side SVG (no JS)."""
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from datetime import datetime
 
@@ -42,6 +43,8 @@ class AttemptRow:
     duration: str
     details: list[tuple[str, str]]
     colour: str
+    started: str = ""
+    finished: str = ""
 
 
 @dataclass
@@ -50,6 +53,7 @@ class StepRow:
     record: IdempotencyRecord | None
     output: StepOutput | None
     attempts: list[AttemptRow] = field(default_factory=list)
+    output_json: str = ""
 
 
 @dataclass
@@ -66,6 +70,14 @@ def _fmt_duration(seconds: float | None) -> str:
     if seconds is None:
         return "running"
     return f"{seconds * 1000:.0f} ms" if seconds < 1 else f"{seconds:.2f} s"
+
+
+def _when(value: datetime | None) -> str:
+    """Date, time to the millisecond and time zone: attempts are compared with logs."""
+    if value is None:
+        return ""
+    local = timezone.localtime(value)
+    return f"{local:%Y-%m-%d %H:%M:%S}.{local.microsecond // 1000:03d} {local:%Z}"
 
 
 def _details(details: dict) -> list[tuple[str, str]]:
@@ -89,7 +101,9 @@ def input_timeline(*, pipeline_input: PipelineInput, now: datetime | None = None
     rows: list[StepRow] = []
     for step_run in steps:
         record = records.get(step_run.pk)
-        row = StepRow(step_run=step_run, record=record, output=outputs.get(step_run.pk))
+        output = outputs.get(step_run.pk)
+        row = StepRow(step_run=step_run, record=record, output=output,
+                      output_json=json.dumps(output.output, ensure_ascii=False, indent=2, sort_keys=True, default=str) if output else "")
         for attempt in attempts_by_record.get(record.pk, []) if record else []:
             row.attempts.append(
                 AttemptRow(
@@ -97,6 +111,8 @@ def input_timeline(*, pipeline_input: PipelineInput, now: datetime | None = None
                     duration=_fmt_duration(attempt.duration_seconds),
                     details=_details(attempt.details or {}),
                     colour=STATUS_COLOURS.get(attempt.status, "#757575"),
+                    started=_when(attempt.started_at),
+                    finished=_when(attempt.finished_at),
                 )
             )
         rows.append(row)

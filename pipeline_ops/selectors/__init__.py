@@ -8,6 +8,7 @@ from .dashboard import (  # noqa: F401
     LeaseSummary,
     QueueDepth,
     StepFailureRate,
+    WorkerHost,
     attempts_count_by_status,
     attempts_series,
     cluster_heartbeats,
@@ -16,5 +17,6 @@ from .dashboard import (  # noqa: F401
     leases_summary,
     queue_depth,
     step_failure_rates,
+    workers_by_host,
     workers_seen,
 )

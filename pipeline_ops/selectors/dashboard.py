@@ -44,10 +44,20 @@ class StepFailureRate:
     def finished(self) -> int:
         return self.succeeded + self.failed
 
+    # Attempts at this step (every start), and those that failed: FAILED, UNKNOWN or TIMED_OUT.
+    attempts: int = 0
+    attempts_failed: int = 0
+
     @property
     def rate(self) -> float | None:
         """Failed share of finished step runs; None before any finished."""
         return self.failed / self.finished if self.finished else None
+
+    @property
+    def attempt_rate(self) -> float | None:
+        """Failed share of this step's attempts (a step that succeeds on its 5th attempt had 4
+        failures: the step-run rate hides them); None before any attempt."""
+        return self.attempts_failed / self.attempts if self.attempts else None
 
 
 @dataclass(frozen=True)
@@ -77,6 +87,18 @@ class ClusterHeartbeat:
 
 
 @dataclass(frozen=True)
+class WorkerHost:
+    """Step attempts started on one host (``Attempt.worker`` is host:pid) in a recent window."""
+
+    host: str
+    busy_now: int  # attempts RUNNING on this host now: its workers at work
+    pids_seen: int  # distinct worker processes that started an attempt (recycled workers count again)
+    attempts_started: int
+    per_minute: float
+    last_start: datetime | None
+
+
+@dataclass(frozen=True)
 class Dashboard:
     now: datetime
     inputs_last_hour: dict[str, int]
@@ -88,6 +110,7 @@ class Dashboard:
     queue: QueueDepth
     clusters: list[ClusterHeartbeat]
     workers_seen: list[tuple[str, datetime]] = field(default_factory=list)
+    worker_hosts: list[WorkerHost] = field(default_factory=list)
 
     @property
     def duplicates_prevented(self) -> int:
@@ -158,12 +181,22 @@ def step_failure_rates() -> list[StepFailureRate]:
     for step, status, n in StepRun.objects.order_by().values_list("step", "status").annotate(n=Count("pk")):
         counts.setdefault(step, {})[status] = n
     active = {StepStatus.QUEUED, StepStatus.RUNNING, StepStatus.RETRY_WAIT}
+    # Attempts by step: the runner claims a step's key with operation "step:<name>".
+    attempts: dict[str, dict[str, int]] = {}
+    rows = (
+        Attempt.objects.filter(record__scope="step").order_by().values_list("record__operation", "status").annotate(n=Count("pk"))
+    )
+    for operation, status, n in rows:
+        attempts.setdefault(operation.removeprefix("step:"), {})[status] = n
+    failed_attempt = {AttemptStatus.FAILED, AttemptStatus.UNKNOWN, AttemptStatus.TIMED_OUT}
     return [
         StepFailureRate(
             step=step,
             succeeded=by_status.get(StepStatus.SUCCEEDED, 0),
             failed=by_status.get(StepStatus.FAILED, 0),
             active=sum(n for s, n in by_status.items() if s in active),
+            attempts=sum(attempts.get(step, {}).values()),
+            attempts_failed=sum(n for s, n in attempts.get(step, {}).items() if s in failed_attempt),
         )
         for step, by_status in sorted(counts.items())
     ]
@@ -247,6 +280,38 @@ def workers_seen(*, since: datetime) -> list[tuple[str, datetime]]:
     return sorted(rows, key=lambda row: row[1], reverse=True)[:50]
 
 
+def workers_by_host(*, since: datetime, now: datetime | None = None) -> list[WorkerHost]:
+    """Per host, from our own step attempts (any broker): attempts running now, distinct worker
+    pids and attempts started since ``since``, and the start rate. Only step keys: the web
+    server's API keys are not a worker's."""
+    now = now or timezone.now()
+    minutes = max((now - since).total_seconds() / 60, 1e-9)
+    hosts: dict[str, dict] = {}
+    recent = (
+        Attempt.objects.filter(started_at__gte=since, record__scope="step").exclude(worker="").order_by()
+        .values_list("worker").annotate(n=Count("pk"), last=Max("started_at")).values_list("worker", "n", "last")
+    )
+    for worker, n, last in recent:
+        host = worker.rsplit(":", 1)[0]
+        entry = hosts.setdefault(host, {"pids": 0, "n": 0, "last": None, "busy": 0})
+        entry["pids"] += 1
+        entry["n"] += n
+        entry["last"] = max(filter(None, [entry["last"], last]))
+    # A RUNNING attempt whose lease expired is stuck (its worker died or stalled): not busy.
+    busy = (
+        Attempt.objects.filter(status=AttemptStatus.RUNNING, record__scope="step", record__status=RecordStatus.PROCESSING,
+                               record__lease_expires_at__gt=now)
+        .exclude(worker="").values_list("worker", flat=True)
+    )
+    for worker in busy:
+        hosts.setdefault(worker.rsplit(":", 1)[0], {"pids": 0, "n": 0, "last": None, "busy": 0})["busy"] += 1
+    return [
+        WorkerHost(host=host, busy_now=e["busy"], pids_seen=e["pids"], attempts_started=e["n"], per_minute=round(e["n"] / minutes, 1),
+                   last_start=e["last"])
+        for host, e in sorted(hosts.items())
+    ]
+
+
 def dashboard_get(*, now: datetime | None = None) -> Dashboard:
     now = now or timezone.now()
     return Dashboard(
@@ -260,6 +325,7 @@ def dashboard_get(*, now: datetime | None = None) -> Dashboard:
         queue=queue_depth(),
         clusters=cluster_heartbeats(now=now),
         workers_seen=workers_seen(since=now - timedelta(minutes=15)),
+        worker_hosts=workers_by_host(since=now - timedelta(minutes=15), now=now),
     )
 
 

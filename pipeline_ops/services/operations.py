@@ -55,6 +55,7 @@ MSG_QUEUED = "already queued"
 MSG_NO_LEASE = "holds no lease ({status})"
 MSG_INPUT_TERMINAL = "already {status}"
 MSG_CHANGED = "changed while the action ran: {reason}"
+MSG_DISCARDED = "discarded by an operator (services.discard): never retried"
 
 # Short keys the counts are grouped by (reports, metrics, tests).
 KIND_FAILED = "failed"
@@ -78,6 +79,9 @@ _KIND_PLURAL = {
     KIND_QUEUED: "already queued",
     KIND_NO_LEASE: "hold no lease",
     KIND_TERMINAL: "already finished",
+    "discarded": "discarded",
+    "not_dead": "not dead",
+    "key_open": "being retried",
 }
 
 
@@ -121,8 +125,10 @@ class ActionReport:
     @property
     def message(self) -> str:
         text = f"{self.done} {self.verb}"
-        if self.spread_seconds > 0:
+        if self.spread_seconds >= 1:
             text += f" (spread over {self.spread_seconds:.0f} s)"
+        elif self.spread_seconds > 0:  # two or three steps at 5/s: "0.4 s", not "0 s"
+            text += f" (spread over {self.spread_seconds:.1f} s)"
         skips = [d for d in self.decisions if not d.acts]
         if not skips:
             return text
@@ -214,6 +220,8 @@ def _decide_retry(step_run: StepRun, record: IdempotencyRecord | None, holder: A
 
     if step_run.status == StepStatus.CANCELLED or step_run.input.status == InputStatus.CANCELLED:
         return decision(False, KIND_CANCELLED, MSG_CANCELLED)
+    if step_run.status == StepStatus.DISCARDED:
+        return decision(False, "discarded", MSG_DISCARDED)
     if (record is not None and record.status == RecordStatus.COMPLETED) or step_run.status == StepStatus.SUCCEEDED:
         if record is not None and record.status == RecordStatus.COMPLETED:
             # Only the holder may complete a key, so the winner is attempt number attempt_count.
