@@ -10,6 +10,12 @@ class PayloadTooLargeError(PipelineOpsError):
     default_message = "The request body is too large."
 
 
+class LengthRequiredError(PipelineOpsError):
+    status_code = 411
+    code = "length_required"
+    default_message = "This server cannot read a chunked request body: send Content-Length."
+
+
 class InputNotFoundError(PipelineOpsError):
     status_code = 404
     code = "not_found"

@@ -1,6 +1,8 @@
 """API views: thin adapters from HTTP to the services (validation, the idempotency guard, selectors)."""
 from __future__ import annotations
 
+import io
+
 from django.urls import reverse
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiExample, OpenApiParameter, OpenApiResponse, extend_schema
@@ -18,7 +20,7 @@ from ..models import PipelineInput
 from ..pipelines import pipeline_list
 from ..services.inputs import input_submit
 from . import conf, faults, selectors
-from .errors import InputNotFoundError, PayloadTooLargeError
+from .errors import InputNotFoundError, LengthRequiredError, PayloadTooLargeError
 from .pagination import InputCursorPagination
 from .permissions import FORCE_RETRY_PERMISSION, CanCancelInputs, CanRetryInputs
 from .serializers import (
@@ -60,13 +62,39 @@ class ApiView(APIView):
 
     def initial(self, request, *args, **kwargs):
         super().initial(request, *args, **kwargs)
+        limit = conf.get("MAX_BODY_BYTES")
+        if _is_chunked(request._request):
+            _chunked_body_read(request._request, limit=limit)
+            return
         try:
             length = int(request.META.get("CONTENT_LENGTH") or 0)
         except ValueError:
             length = 0
-        limit = conf.get("MAX_BODY_BYTES")
         if length > limit:
             raise PayloadTooLargeError(f"The request body has {length} bytes; at most {limit} are accepted.")
+
+
+def _is_chunked(django_request) -> bool:
+    meta = django_request.META
+    return not meta.get("CONTENT_LENGTH") and "chunked" in meta.get("HTTP_TRANSFER_ENCODING", "").lower()
+
+
+def _chunked_body_read(django_request, *, limit: int) -> None:
+    """A body sent with ``Transfer-Encoding: chunked`` has no Content-Length, so Django reads it
+    as empty (a valid POST answered "required", a 10 MB one not refused). A server that de-chunks
+    (gunicorn: ``wsgi.input_terminated``) gives the body on ``wsgi.input`` up to its end: read at
+    most ``limit + 1`` bytes of it (413 beyond ``limit``, without reading the rest) and hand
+    them to the parsers as an ordinary body. A server that does not (Django's runserver) cannot
+    give the body at all: 411 says so instead of parsing nothing."""
+    meta = django_request.META
+    if not meta.get("wsgi.input_terminated"):
+        raise LengthRequiredError()
+    data = meta["wsgi.input"].read(limit + 1)
+    if len(data) > limit:
+        raise PayloadTooLargeError(f"The chunked request body exceeds {limit} bytes; at most {limit} are accepted.")
+    django_request._stream = io.BytesIO(data)
+    django_request._read_started = False
+    meta["CONTENT_LENGTH"] = str(len(data))
 
 
 IDEMPOTENCY_KEY_PARAMETER = OpenApiParameter(

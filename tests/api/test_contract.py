@@ -291,3 +291,48 @@ def test_resubmission_answers_200_with_the_same_input_when_the_keys_record_was_p
     reused = submit(client, BODY, key="old2")
     assert reused.status_code == 422 and problem(reused)["code"] == "idempotency_key_reused"
     assert PipelineInput.objects.count() == 2
+
+
+# --- chunked request bodies (issue 13, item 9) -----------------------------------------------------
+
+
+def _chunks(data: bytes, size: int = 64 * 1024):
+    # A generator body: requests sends it with Transfer-Encoding: chunked and no Content-Length.
+    for start in range(0, len(data), size):
+        yield data[start:start + size]
+
+
+@pytest.mark.slow
+def test_chunked_body_is_read_and_creates_the_input_when_the_server_dechunks(gunicorn_server, live_client):
+    session = live_client("chunky")
+    body = json.dumps({"pipeline": "default", "payload": {"text": "sent in chunks"}}).encode()
+    response = session.post(f"{gunicorn_server.url}/api/v1/inputs/", data=_chunks(body, 16), timeout=30,
+                            headers={"Content-Type": "application/json", "Idempotency-Key": "chunked-1"})
+
+    assert response.request.headers.get("Transfer-Encoding") == "chunked" and "Content-Length" not in response.request.headers
+    assert response.status_code == 201, response.text
+    assert PipelineInput.objects.get(idempotency_key="chunked-1").payload == {"text": "sent in chunks"}
+
+
+@pytest.mark.slow
+def test_chunked_body_of_10_mb_is_refused_with_413_problem_when_it_exceeds_the_limit(gunicorn_server, live_client):
+    session = live_client("chunky-big")
+    body = json.dumps({"pipeline": "default", "payload": {"text": "x" * (10 * 1024 * 1024)}}).encode()
+    response = session.post(f"{gunicorn_server.url}/api/v1/inputs/", data=_chunks(body), timeout=60,
+                            headers={"Content-Type": "application/json", "Idempotency-Key": "chunked-big"})
+
+    assert response.status_code == 413
+    assert response.headers["Content-Type"].startswith("application/problem+json")
+    assert response.json()["code"] == "payload_too_large"
+    assert not PipelineInput.objects.filter(idempotency_key="chunked-big").exists()
+    assert IdempotencyRecord.objects.count() == 0
+
+
+def test_chunked_body_is_refused_with_411_when_the_server_cannot_dechunk(make_client):
+    # Django's runserver (the demo) passes no de-chunked body: say so rather than parse nothing.
+    _, _, client = make_client("alice")
+    body = json.dumps({"pipeline": "default", "payload": {"text": "hi"}})
+    response = client.generic("POST", "/api/v1/inputs/", body, content_type="application/json", CONTENT_LENGTH="",
+                              HTTP_TRANSFER_ENCODING="chunked", HTTP_IDEMPOTENCY_KEY="chunked-2")
+    assert response.status_code == 411 and problem(response)["code"] == "length_required"
+    assert PipelineInput.objects.count() == 0
