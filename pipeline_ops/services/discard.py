@@ -44,9 +44,9 @@ def _decide_discard(step_run: StepRun, record: IdempotencyRecord | None) -> Deci
         return decision(False, KIND_DISCARDED, MSG_ALREADY_DISCARDED)
     if step_run.status != StepStatus.FAILED:
         return decision(False, KIND_NOT_DEAD, MSG_NOT_DEAD.format(status=step_run.get_status_display().lower()))
-    if record is not None and (record.status != RecordStatus.FAILED or record.retry_at is not None):
-        # PROCESSING or COMPLETED, or reopened for a retry: someone is acting on it right now.
-        return decision(False, KIND_KEY_OPEN, MSG_KEY_OPEN.format(status=record.status if record.retry_at is None else "reopened"))
+    if record is not None and record.status != RecordStatus.FAILED:
+        # PROCESSING (an attempt holds it: a retry is under way) or COMPLETED: not dead.
+        return decision(False, KIND_KEY_OPEN, MSG_KEY_OPEN.format(status=record.status))
     return decision(True, KIND_DEAD, MSG_DISCARD.format(attempts=step_run.attempts_used, input_status=step_run.input.get_status_display().lower()))
 
 
