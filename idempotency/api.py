@@ -16,15 +16,23 @@
 ``__enter__`` raises ``KeyInProgressError`` (another attempt holds the key),
 ``KeyReusedError`` (same key, other request) or ``KeyFailedError`` (failed for good). An
 exception inside the block fails the attempt through the retry policy and propagates.
+
+While the block runs, a heartbeat thread (``idempotency.heartbeat``) extends the lease every
+third of it and, on PostgreSQL, holds the attempt's liveness lock until the block's completion or
+failure has committed, so a block longer than its lease keeps its key and a process that died in
+it is taken over at once. ``run.stop_event`` is set once the key was taken away (cooperative
+work may check it; its completion would be fenced anyway).
 """
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from typing import Any
 
 from . import guard
 from .errors import AttemptFencedError, KeyFailedError, KeyInProgressError, KeyReusedError
 from .fingerprint import fingerprint as fingerprint_of
+from .heartbeat import Heartbeat
 from .models import Attempt
 from .policy import NO_RETRY, RetryPolicy
 
@@ -38,6 +46,8 @@ class GuardedRun:
         self.result = result
         self.fenced = False
         self.finished = replayed
+        # Set by the heartbeat once a newer attempt (or an operator) took the key away.
+        self.stop_event = threading.Event()
 
     def heartbeat(self, *, lease_seconds: float | None = None) -> None:
         """Extend the lease; raises ``AttemptFencedError`` if a newer attempt took the key."""
@@ -76,6 +86,7 @@ class idempotent:  # noqa: N801 - reads as a statement: ``with idempotent(...)``
         self.policy = policy
         self.max_attempts = max_attempts or policy.max_attempts
         self.run: GuardedRun | None = None
+        self._heartbeat: Heartbeat | None = None
 
     def __enter__(self) -> GuardedRun:
         outcome = guard.claim(
@@ -85,6 +96,8 @@ class idempotent:  # noqa: N801 - reads as a statement: ``with idempotent(...)``
         match outcome:
             case guard.Claimed(attempt=attempt):
                 self.run = GuardedRun(attempt=attempt, replayed=False)
+                self._heartbeat = Heartbeat(attempt=attempt, lease_seconds=self.lease_seconds, stop_event=self.run.stop_event)
+                self._heartbeat.__enter__()
             case guard.Replay():
                 self.run = GuardedRun(attempt=None, replayed=True, result=outcome.result)
             case guard.InFlight():
@@ -96,6 +109,16 @@ class idempotent:  # noqa: N801 - reads as a statement: ``with idempotent(...)``
         return self.run
 
     def __exit__(self, exc_type, exc, tb) -> bool:
+        # The heartbeat stops only after the attempt's ending committed (the completion inside
+        # the block, or the failure below): until then the liveness lock says "alive".
+        try:
+            return self._end(exc)
+        finally:
+            if self._heartbeat is not None:
+                self._heartbeat.__exit__(exc_type, exc, tb)
+                self._heartbeat = None
+
+    def _end(self, exc: BaseException | None) -> bool:
         run = self.run
         if run is None or run.finished or run.attempt is None:
             return False

@@ -59,6 +59,7 @@ from .errors import (
     preference_applied_wait,
 )
 from .fingerprint import fingerprint
+from .heartbeat import Heartbeat
 from .models import IdempotencyRecord
 from .policy import RetryPolicy
 from .states import RecordStatus
@@ -209,6 +210,10 @@ def idempotent_call(
     ``on_claimed(attempt)`` runs after the key was claimed and before the work's transaction
     opens (work that need not be in the transaction, or a test's pause).
 
+    While the claimed request runs, a heartbeat (``idempotency.heartbeat``) extends its lease, so
+    a request longer than its lease is not taken over by its own retry, and on PostgreSQL holds
+    its liveness lock, so a request whose process died is taken over by the next retry at once.
+
     Raises KeyInProgressError (409), KeyReusedError (422), KeyFailedError (409), or whatever
     ``perform`` raises (after failing the attempt so the key may be retried at once).
     """
@@ -218,7 +223,7 @@ def idempotent_call(
         outcome = _claim(scope=scope, key=key, operation=operation, fingerprint=fingerprint, lease_seconds=lease_seconds)
         match outcome:
             case guard.Claimed(attempt=attempt):
-                response = _run(attempt, perform, on_claimed)
+                response = _run(attempt, perform, on_claimed, lease_seconds=lease_seconds)
                 break
             case guard.Replay():
                 response = StoredResponse.from_result(outcome.result).to_response(replayed=True)
@@ -259,7 +264,19 @@ def _claim(**kwargs) -> guard.ClaimOutcome:
         return guard.claim(**kwargs)
 
 
-def _run(attempt, perform: Callable[[], HttpResponse], on_claimed: Callable[[Any], None] | None = None) -> HttpResponse:
+def _run(
+    attempt, perform: Callable[[], HttpResponse], on_claimed: Callable[[Any], None] | None = None, *,
+    lease_seconds: float | None = None,
+) -> HttpResponse:
+    """Run the claimed request under its heartbeat. The heartbeat spans the completion and the
+    failure too: the liveness lock may go only once the key's fate has committed (before that, a
+    retry must see this request as alive), and a completion slowed down by the database must not
+    lose the key to a takeover meanwhile."""
+    with Heartbeat(attempt=attempt, lease_seconds=lease_seconds):
+        return _run_held(attempt, perform, on_claimed)
+
+
+def _run_held(attempt, perform: Callable[[], HttpResponse], on_claimed: Callable[[Any], None] | None = None) -> HttpResponse:
     # One transaction holds the work's writes and the completion of the key (guard.complete's
     # own atomic block becomes a savepoint in it): the response to store describes what the
     # work created (its id, its Location), so it is known only after the work ran.
