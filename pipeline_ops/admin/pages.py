@@ -331,7 +331,7 @@ class PipelineInputAdmin(LiveListMixin, PermissionMixin, ReadOnlyMixin, admin.Mo
             self, request, queryset, action_name="retry_inputs", title="Retry safely",
             intro="Failed, waiting and stuck steps of the selected inputs are queued again. Completed steps, running "
                   "steps (a live lease) and cancelled inputs are skipped.",
-            button="Retry",
+            button="Retry", will=RETRY_WILL,
             plan=lambda: operations.inputs_retry_plan(inputs=queryset),
             run=lambda reason: operations.inputs_retry(inputs=queryset, actor=request.user, reason=reason, source="admin"),
         )
@@ -342,7 +342,7 @@ class PipelineInputAdmin(LiveListMixin, PermissionMixin, ReadOnlyMixin, admin.Mo
             self, request, queryset, action_name="force_retry_inputs", title="Forced retry", danger=True,
             intro="As a safe retry, but a step whose attempt holds a live lease is taken away from it: that attempt is "
                   "fenced (its late result will be refused) and a new attempt is queued.",
-            button="Force the retry",
+            button="Force the retry", will=RETRY_WILL,
             plan=lambda: operations.inputs_retry_plan(inputs=queryset, force=True),
             run=lambda reason: operations.inputs_retry(inputs=queryset, actor=request.user, reason=reason, source="admin", force=True),
         )
@@ -353,7 +353,7 @@ class PipelineInputAdmin(LiveListMixin, PermissionMixin, ReadOnlyMixin, admin.Mo
             self, request, queryset, action_name="cancel_inputs", title="Cancel inputs", danger=True,
             intro="Pending and queued steps are cancelled; a running step's key is released so its attempt is fenced "
                   "if it finishes. Finished inputs are skipped.",
-            button="Cancel the inputs",
+            button="Cancel the inputs", will=CANCEL_WILL,
             plan=lambda: operations.inputs_cancel_plan(inputs=queryset),
             run=lambda reason: operations.inputs_cancel(inputs=queryset, actor=request.user, reason=reason, source="admin"),
         )
@@ -489,7 +489,7 @@ class RowButtonsMixin(LiveListMixin):
     def get_list_display(self, request):
         shown = list(super().get_list_display(request))
         if (self.row_retry and self.has_retry_permission(request)) or (self.row_discard and self.has_discard_permission(request)):
-            shown.append("row_actions")
+            shown.insert(1, "row_actions")  # next to the row's name: a long error must not push it off screen
         return shown
 
     @admin.display(description="act")
