@@ -153,3 +153,19 @@ def test_live_view_reports_the_databases_numbers_and_a_new_version_when_an_input
     assert dead_after["metrics"]["count"] == 0
     assert Client().get(live, {"view": "dashboard"}).status_code == 302  # staff only (admin login)
     assert IdempotencyRecord.objects.get().status != RecordStatus.PROCESSING
+
+
+def test_chart_labels_reach_the_last_bar_when_the_series_has_24_hours():
+    from pipeline_ops.admin.dashboard import throughput_chart
+    from pipeline_ops.selectors import attempts_series
+
+    points = attempts_series(hours=24)
+    chart = throughput_chart(points)
+    slot = (chart["width"] - chart["left"] - 10) / len(points)
+    assert chart["labels"][-1]["x"] == round(chart["left"] + (len(points) - 1) * slot + 1 + slot / 2, 1)
+
+
+def test_payload_is_shown_as_json_not_python_repr_when_listed():
+    submit(text="quote \" and ünïcode, None stays null")
+    page = login(operator("viewer")).get(reverse("admin:pipeline_ops_pipelineinput_changelist")).content.decode()
+    assert "{&quot;text&quot;: &quot;quote \\&quot; and ünïcode" in page and "{&#x27;text&#x27;" not in page
