@@ -7,6 +7,12 @@ class PipelineOpsConfig(AppConfig):
     default_auto_field = "django.db.models.BigAutoField"
 
     def ready(self) -> None:
+        # Worker readiness reports for the harness that started this cluster; a no-op unless
+        # PIPELINE_OPS_READINESS_DIR is set (pipeline_ops.observability.readiness).
+        from pipeline_ops.observability.readiness import readiness_connect
+
+        readiness_connect()
+
         # The chaos run's effects log (pipeline_ops.chaos.effects): a no-op unless
         # PIPELINE_OPS_EFFECTS_LOG is set, so production connects nothing.
         from pipeline_ops.chaos.effects import effects_connect
