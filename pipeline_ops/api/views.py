@@ -141,6 +141,7 @@ class InputListCreateApi(IdempotencyMixin, ApiView, GenericAPIView):
 
     def idempotency_claimed(self, request, attempt) -> None:
         faults.fault_point(faults.SLEEP_BEFORE_WORK)
+        faults.fault_point(faults.HOLD_BEFORE_WORK, attempt=attempt)
 
     @extend_schema(
         operation_id="inputs_list",

@@ -19,11 +19,15 @@ from django.db import connection
 from pipeline_ops.services.tokens import api_token_create
 from rest_framework.test import APIClient
 
+from pipeline_ops.api import faults
+
 ROOT = Path(__file__).resolve().parents[2]
-# The live server's lease: long enough to outlast the "slow first request" pause, short enough
-# that the crash-before-commit test waits only seconds for the takeover.
+# The live server's lease: short enough that the crash-before-commit test waits only seconds for
+# the takeover. The "slow first request" does not depend on it: the test holds that request open
+# (faults.HOLD_BEFORE_WORK, which heartbeats its lease) and releases it when it is done.
 LIVE_LEASE_SECONDS = 8
-SLOW_FIRST_SECONDS = 5
+# Hang guard for a step the server confirms (a held request): not a pace, a broken server's limit.
+HANG_GUARD_SECONDS = 120
 
 
 @pytest.fixture(autouse=True)
@@ -82,6 +86,22 @@ class LiveServer:
     def arm(self, fault: str, argument: str = "") -> None:
         """Arm a crash point of pipeline_ops.api.faults: the next request reaching it fires it."""
         (self.faults_dir / fault).write_text(argument)
+
+    def wait_held(self, fault: str) -> None:
+        """Return once a request reached ``fault`` (a hold point) and holds there; fail at once
+        if the server died. The request was sent already, so this waits on the server alone."""
+        held = self.faults_dir / (fault + faults.HELD_SUFFIX)
+        deadline = time.monotonic() + HANG_GUARD_SECONDS
+        while not held.exists():
+            if self.process.poll() is not None:
+                raise RuntimeError(f"gunicorn exited with {self.process.returncode} before {fault} was held")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"no request reached {fault} within {HANG_GUARD_SECONDS}s")
+            time.sleep(0.02)
+
+    def release(self, fault: str) -> None:
+        """Let the request held at ``fault`` go on."""
+        (self.faults_dir / (fault + faults.RELEASE_SUFFIX)).touch()
 
     def disarm_all(self) -> None:
         for path in self.faults_dir.iterdir():
@@ -156,4 +176,4 @@ def live_client(transactional_db):
     return make
 
 
-__all__ = ["submit", "LIVE_LEASE_SECONDS", "SLOW_FIRST_SECONDS", "settings"]
+__all__ = ["submit", "LIVE_LEASE_SECONDS", "settings"]
