@@ -24,6 +24,7 @@ from idempotency import guard  # noqa: E402
 from idempotency.models import Attempt  # noqa: E402
 from idempotency.policy import RetryPolicy  # noqa: E402
 from idempotency.states import AttemptStatus, RecordStatus  # noqa: E402
+from pipeline_ops.chaos.cluster import STALL_SECONDS, wait_progressing  # noqa: E402
 from pipeline_ops.models import DeadStepRun, OperatorAction, PipelineInput, RetryingStepRun, StepRun  # noqa: E402
 from pipeline_ops.states import InputStatus, StepStatus  # noqa: E402
 from tests.admin.helpers import claim_step, failed_input, first_step, make_stuck, operator, submit  # noqa: E402
@@ -34,6 +35,19 @@ pytestmark = [pytest.mark.browser, pytest.mark.django_db(transaction=True)]
 
 DOCS = Path(__file__).resolve().parents[2] / "docs"
 ALL = ("retry_steprun", "force_retry_steprun", "release_lease_steprun", "cancel_pipelineinput", "discard_steprun")
+
+
+def live_polls(page) -> int:
+    return int(page.get_attribute("#ops-live", "data-polls") or "0")
+
+
+def wait_for_a_poll_after_now(page) -> None:
+    """Return once the live view finished a poll that began after this call: the one in flight
+    may have read the database before the change, the next cannot. Follows the polls (every 5 s)
+    instead of a fixed wait that a loaded machine could outlast; fails when they stop coming."""
+    before = live_polls(page)
+    wait_progressing(done=lambda: live_polls(page) >= before + 2, progress=lambda: live_polls(page),
+                     stall_seconds=STALL_SECONDS, what="live view poll")
 
 
 def docs_shot(page, name: str) -> None:
@@ -167,7 +181,8 @@ def test_input_page_live_notice_appears_when_a_worker_moves_its_step(page, live_
 
     operations.step_runs_retry(step_runs=[step], actor=None, reason="from the CLI", source="cli")
 
-    page.wait_for_selector("#ops-live-notice", state="visible", timeout=15_000)
+    wait_for_a_poll_after_now(page)
+    assert page.locator("#ops-live-notice").is_visible()
     assert page.inner_text(f"[data-live=step_preprocess]") == "Queued"
     page.click("#ops-live-reload")
     page.wait_for_selector("#input-timeline")
@@ -457,7 +472,8 @@ def test_dashboard_links_lead_to_the_pages_with_the_databases_rows_and_its_numbe
     # Live: a new dead step shows up without a click.
     dead_before = int(page.inner_text("[data-live=dead]"))
     failed_input()
-    page.wait_for_function(f"document.querySelector('[data-live=dead]').textContent === '{dead_before + 1}'", timeout=15_000)
+    wait_for_a_poll_after_now(page)
+    assert int(page.inner_text("[data-live=dead]")) == dead_before + 1
     assert int(page.inner_text("[data-live=dead]")) == DeadStepRun.objects.count()
 
     # The admin's own links: View site leads to the dashboard, the favicon exists.

@@ -33,8 +33,10 @@ pytestmark = [pytest.mark.cluster, pytest.mark.postgres, pytest.mark.slow, pytes
 
 INPUTS = 40
 LEASE_SECONDS = 3
-# A hang guard, not a speed requirement: the run takes about 15 s on this machine.
-DEADLINE_SECONDS = 180
+# The run takes about 15 s on an idle machine; a loaded one is slower, so the limit is on going
+# nowhere, not on the total: it fails when no step became terminal for this long (several
+# leases, reconciler passes and retry backoffs).
+STALL_SECONDS = 90
 LOG_DIR = Path(settings.VAR_DIR) / "test-logs" / f"ops-hosts-{settings.TEST_DB_TAG}"
 
 
@@ -64,7 +66,7 @@ def _pids(cluster: QCluster) -> set[int]:
 
 
 def _busy_steps(cluster: QCluster) -> list[int]:
-    """Ids of the step runs the cluster's workers are running now (from their process titles)."""
+    """Ids of the step runs the cluster's workers are running now (from the workers' own reports)."""
     return [int(task.split(":", 1)[1]) for task in cluster.busy_workers().values() if task.startswith("step_run:")]
 
 
@@ -109,12 +111,14 @@ def test_every_input_terminal_and_integrity_clean_when_one_of_two_hosts_is_kille
             client = Client(HTTP_HOST="localhost")
             steps = StepRun.objects.filter(input__submission_scope="hosts")
             killed = False
-            started = time.monotonic()
-            while time.monotonic() - started < DEADLINE_SECONDS:
+            best_done, last_progress = -1, time.monotonic()
+            while time.monotonic() - last_progress < STALL_SECONDS:
                 close_old_connections()
                 for name, cluster in hosts.items():
                     pids_seen[name] |= _pids(cluster)
                 done = steps.filter(status__in=STEP_TERMINAL).count()
+                if done > best_done:
+                    best_done, last_progress = done, time.monotonic()
                 if health_before is None and done >= 1:
                     health_before = client.get("/healthz")
                     status_before = json.loads(_call("pipeline_status", "--json"))
