@@ -16,9 +16,11 @@ $(STAMP): requirements/lock.txt
 	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements/lock.txt
 	@touch $@
 
-## browser: Debian's Chromium for the admin's browser tests (Playwright cannot download one here)
+## browser: Debian's Chromium for the admin's browser tests (Playwright cannot download one here) and
+## libfaketime for the clock-skew tests (a child process whose clock runs ahead of the database's)
 browser:
 	@command -v chromium >/dev/null || { command -v apt-get >/dev/null && (apt-get update -qq && apt-get install -y -qq chromium >/dev/null); } || { echo "chromium is missing and could not be installed"; exit 1; }
+	@command -v faketime >/dev/null || { command -v apt-get >/dev/null && (apt-get update -qq && apt-get install -y -qq faketime >/dev/null); } || { echo "faketime is missing and could not be installed"; exit 1; }
 
 ## run: set up, migrate the embedded SQLite database and run the demo
 run: setup
