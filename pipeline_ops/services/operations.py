@@ -480,7 +480,12 @@ def inputs_cancel(*, inputs: Iterable[PipelineInput], actor, reason: str, source
     report = ActionReport(action=OperatorAction.Action.CANCEL, verb="cancelled", batch=uuid.uuid4())
     for input_id in _pks(inputs):
         with transaction.atomic():
-            pipeline_input = PipelineInput.objects.select_for_update().filter(pk=input_id).first()
+            # The one lock order (docs/guard.md): the input's step runs, then the input. Locking
+            # the input first deadlocked with a worker claiming one of its steps, which holds the
+            # step and then asks for the input.
+            step_ids = list(StepRun.objects.filter(input_id=input_id).order_by("pk").values_list("pk", flat=True))
+            step_rows_lock(step_run_ids=step_ids, input_id=input_id)
+            pipeline_input = PipelineInput.objects.filter(pk=input_id).first()
             if pipeline_input is None:
                 continue
             decision = _decide_cancel(pipeline_input)

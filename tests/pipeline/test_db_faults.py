@@ -1,0 +1,289 @@
+"""Faults of the database itself while steps run, injected into real PostgreSQL sessions.
+
+None of them may lose work, duplicate work or make a step terminal:
+
+* a worker's backend terminated in the middle of its completion (a restart, a failover, a pooler
+  reconnect) and a ``lock_timeout`` there: the step ends SUCCEEDED by its first and only attempt;
+* an operator's cancel lined up against a claiming worker: both finish, nobody loses a deadlock;
+* a worker whose host clock runs minutes ahead: it never takes a live lease over, and its
+  reconciler never calls a live lease expired.
+
+The interleavings are lined up, not hoped for: a trigger on the table a move writes parks that
+transaction on an advisory lock the test holds (``barrier``), and the test acts once
+``pg_locks``/``pg_stat_activity`` show the session waiting there. What is counted (calls of the
+step's function, attempts, outputs) is counted apart from the guard that enforces it.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+from django.db import connection, connections
+
+from idempotency.models import Attempt, IdempotencyRecord
+from idempotency.states import AttemptStatus, RecordStatus
+from pipeline_ops.integrity import integrity_check
+from pipeline_ops.models import PipelineInput, StepOutput, StepRun
+from pipeline_ops.services import steps as step_services
+from pipeline_ops.services.inputs import input_submit
+from pipeline_ops.services.operations import inputs_cancel
+from pipeline_ops.services.steps import Outcome
+from pipeline_ops.states import InputStatus, StepStatus
+
+from .conftest import StepThread, wait_for
+
+pytestmark = [pytest.mark.postgres, pytest.mark.django_db(transaction=True)]
+
+ROOT = Path(__file__).resolve().parents[2]
+BARRIER_LOCK = 4711
+FAKETIME_LIB = Path("/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1")
+
+
+class Barrier:
+    """Parks transactions that write ``table`` on an advisory lock the test holds.
+
+    ``mode``: ``"off"`` (pass), ``"wait"`` (wait for the lock), ``"timeout"`` (the same wait with a
+    100 ms ``lock_timeout``: the transaction fails with lock_not_available). A sequence counts the
+    transactions that reached it (sequences are not rolled back with them).
+    """
+
+    def __init__(self, table: str):
+        self.table = table
+        self.session = connections.create_connection("default")  # holds the lock, apart from the test's
+        self.session.ensure_connection()
+        self._sql(f"""
+            CREATE TABLE fault_barrier (id int PRIMARY KEY, mode text NOT NULL);
+            INSERT INTO fault_barrier VALUES (1, 'off');
+            CREATE SEQUENCE fault_barrier_hits;
+            CREATE FUNCTION fault_barrier_trip() RETURNS trigger LANGUAGE plpgsql AS $$
+            DECLARE wanted text;
+            BEGIN
+                SELECT mode INTO wanted FROM fault_barrier WHERE id = 1;
+                IF wanted = 'off' THEN RETURN NULL; END IF;
+                PERFORM nextval('fault_barrier_hits');
+                IF wanted = 'timeout' THEN PERFORM set_config('lock_timeout', '100ms', true); END IF;
+                PERFORM pg_advisory_xact_lock({BARRIER_LOCK});
+                RETURN NULL;
+            END $$;
+            CREATE TRIGGER fault_barrier_trip AFTER INSERT ON {table} FOR EACH ROW EXECUTE FUNCTION fault_barrier_trip();
+        """)
+
+    def _sql(self, sql: str, params=None):
+        with self.session.cursor() as cursor:
+            cursor.execute(sql, params)
+            return cursor.fetchall() if cursor.description else None
+
+    def close_with(self, mode: str) -> None:
+        """Hold the lock and arm the trigger: the next transactions that write the table park."""
+        self._sql("SELECT pg_advisory_lock(%s)", [BARRIER_LOCK])
+        self._sql("UPDATE fault_barrier SET mode = %s", [mode])
+
+    def open(self) -> None:
+        self._sql("UPDATE fault_barrier SET mode = 'off'")
+        self._sql("SELECT pg_advisory_unlock_all()")
+
+    def hits(self) -> int:
+        return self._sql("SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM fault_barrier_hits")[0][0]
+
+    def parked_pid(self) -> int | None:
+        rows = self._sql("SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND objid = %s AND NOT granted", [BARRIER_LOCK])
+        return rows[0][0] if rows else None
+
+    def terminate(self, pid: int) -> None:
+        assert self._sql("SELECT pg_terminate_backend(%s)", [pid]) == [(True,)]
+
+    def drop(self) -> None:
+        try:
+            self.open()
+            self._sql(f"""
+                DROP TRIGGER IF EXISTS fault_barrier_trip ON {self.table};
+                DROP FUNCTION IF EXISTS fault_barrier_trip();
+                DROP SEQUENCE IF EXISTS fault_barrier_hits;
+                DROP TABLE IF EXISTS fault_barrier;
+            """)
+        finally:
+            self.session.close()
+
+
+@pytest.fixture
+def barrier():
+    made: list[Barrier] = []
+
+    def on(table: str) -> Barrier:
+        made.append(Barrier(table))
+        return made[-1]
+
+    yield on
+    for each in made:
+        each.drop()
+
+
+@pytest.fixture
+def counted_step(test_steps, pipeline):
+    """A one-step pipeline whose step counts its calls in the test's memory, not in the database."""
+    calls: list[int] = []
+    gate = threading.Event()
+    gate.set()
+
+    def counted(ctx):
+        calls.append(ctx.attempt_number)
+        assert gate.wait(60), "the test never opened the step's gate"
+        return {"attempt": ctx.attempt_number}
+
+    def make(*, lease_seconds: float = 30.0, gated: bool = False):
+        if gated:
+            gate.clear()
+        test_steps("counted", counted, lease_seconds=lease_seconds)
+        name = pipeline("fault_pipe", ["counted"])
+        pipeline_input = input_submit(pipeline=name, payload={"text": "a document"}, scope="tests").input
+        return pipeline_input, StepRun.objects.get(input=pipeline_input), calls, gate
+
+    return make
+
+
+def attempts_of(step_run: StepRun) -> list[Attempt]:
+    return list(Attempt.objects.filter(record__scope="step", record__key=step_run.idempotency_key).order_by("number"))
+
+
+def assert_succeeded_once(pipeline_input: PipelineInput, step_run: StepRun, calls: list[int]) -> None:
+    assert calls == [1], f"the step's function ran {len(calls)} times: {calls}"
+    step_run.refresh_from_db()
+    assert step_run.status == StepStatus.SUCCEEDED and step_run.attempts_used == 1
+    assert [a.status for a in attempts_of(step_run)] == [AttemptStatus.SUCCEEDED]
+    assert StepOutput.objects.filter(step_run=step_run).count() == 1
+    record = IdempotencyRecord.objects.get(scope="step", key=step_run.idempotency_key)
+    assert record.status == RecordStatus.COMPLETED and record.attempt_count == 1
+    pipeline_input.refresh_from_db()
+    assert pipeline_input.status == InputStatus.SUCCEEDED
+    assert integrity_check().ok
+
+
+def test_step_succeeds_once_when_its_backend_is_terminated_during_the_completion(counted_step, barrier, caplog):
+    pipeline_input, step_run, calls, _ = counted_step()
+    completion = barrier("pipeline_ops_stepoutput")
+    completion.close_with("wait")
+    worker = StepThread(step_run.pk)
+    worker.start()
+    wait_for(lambda: completion.parked_pid() is not None, timeout=60, message="the completion parked at the barrier")
+
+    completion.terminate(completion.parked_pid())  # the server restarts under the open transaction
+    completion.open()
+
+    assert worker.result(120) == Outcome.SUCCEEDED
+    assert_succeeded_once(pipeline_input, step_run, calls)
+    assert any("infrastructure error" in r.getMessage() for r in caplog.records), "the lost connection was never seen"
+
+
+def test_step_succeeds_once_when_a_lock_timeout_hits_its_completion(counted_step, barrier):
+    pipeline_input, step_run, calls, _ = counted_step()
+    completion = barrier("pipeline_ops_stepoutput")
+    completion.close_with("timeout")
+    worker = StepThread(step_run.pk)
+    worker.start()
+    # Two arrivals: the first timed out (lock_not_available) and the completion came back.
+    wait_for(lambda: completion.hits() >= 2, timeout=60, message="a completion retried after its lock timeout")
+    completion.open()
+
+    assert worker.result(120) == Outcome.SUCCEEDED
+    assert_succeeded_once(pipeline_input, step_run, calls)
+
+
+def test_operator_cancel_and_claiming_worker_both_finish_when_lined_up(counted_step, monkeypatch):
+    """The claim holds the step and is about to lock the input; the operator's cancel starts
+    then. In the one lock order the cancel waits for the step; locking the input first (as the
+    console's cancel once did) deadlocked, and PostgreSQL aborted the operator's cancel."""
+    pipeline_input, step_run, calls, gate = counted_step(gated=True)
+    steps_locked, go_on = threading.Event(), threading.Event()
+    real_lock = step_services.step_rows_lock
+    claimer: list[threading.Thread] = []
+
+    def lock_then_pause(*, step_run_ids, input_id=None):
+        if threading.current_thread() is not claimer[0] or go_on.is_set():
+            return real_lock(step_run_ids=step_run_ids, input_id=input_id)
+        real_lock(step_run_ids=step_run_ids)  # the step, as the claim does first
+        steps_locked.set()
+        assert go_on.wait(60), "the test never let the claim go on"
+        real_lock(step_run_ids=[], input_id=input_id)  # then the input
+
+    monkeypatch.setattr(step_services, "step_rows_lock", lock_then_pause)
+    worker = StepThread(step_run.pk)
+    claimer.append(worker)
+    worker.start()
+    assert steps_locked.wait(60), "the claim never locked its step"
+
+    cancel_pid: list[int] = []
+    cancel_errors: list[BaseException] = []
+    cancelled: list = []
+
+    def operator_cancel():
+        try:
+            with connection.cursor() as cursor:
+                cursor.execute("SELECT pg_backend_pid()")
+                cancel_pid.append(cursor.fetchone()[0])
+            cancelled.append(inputs_cancel(inputs=[pipeline_input], actor=None, reason="customer withdrew it", source="cli"))
+        except BaseException as exc:  # surfaced below
+            cancel_errors.append(exc)
+        finally:
+            connection.close()
+
+    operator = threading.Thread(target=operator_cancel, daemon=True)
+    operator.start()
+    wait_for(lambda: bool(cancel_pid) and _waits_on_a_lock(cancel_pid[0]), timeout=60, message="the cancel waiting on a row lock")
+    go_on.set()
+    operator.join(60)
+    gate.set()
+    outcome = worker.result(60)
+
+    assert not operator.is_alive() and not cancel_errors, cancel_errors  # no "deadlock detected"
+    assert cancelled[0].done == 1
+    assert outcome == Outcome.FENCED  # the claim won the step, the cancel fenced its attempt
+    assert calls == [1]
+    pipeline_input.refresh_from_db()
+    step_run.refresh_from_db()
+    assert pipeline_input.status == InputStatus.CANCELLED and step_run.status == StepStatus.CANCELLED
+    assert [a.status for a in attempts_of(step_run)] == [AttemptStatus.FENCED]
+    assert not StepOutput.objects.filter(step_run=step_run).exists()
+
+
+def _waits_on_a_lock(pid: int) -> bool:
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT wait_event_type FROM pg_stat_activity WHERE pid = %s", [pid])
+        row = cursor.fetchone()
+    return bool(row) and row[0] == "Lock"
+
+
+@pytest.mark.parametrize("ahead", ["+5s", "+120s"])
+def test_worker_whose_clock_runs_ahead_never_takes_a_live_lease_over(counted_step, ahead):
+    assert FAKETIME_LIB.exists(), "libfaketime is missing: `make browser` installs it"
+    lease = 3.0  # the holder heartbeats every second; the skewed host is 5 s or 2 min ahead
+    pipeline_input, step_run, calls, gate = counted_step(lease_seconds=lease, gated=True)
+    holder = StepThread(step_run.pk)
+    holder.start()
+    wait_for(lambda: calls == [1], timeout=60, message="the holder running the step")
+
+    settings_dict = connection.settings_dict
+    assert settings_dict["NAME"].startswith("test_")
+    url = f"postgres://{settings_dict['USER'] or 'postgres'}@{settings_dict['HOST'] or '127.0.0.1'}:{settings_dict['PORT'] or 5432}/{settings_dict['NAME']}"
+    command = {"step_run_id": step_run.pk, "step": "counted", "pipeline": "fault_pipe", "lease": lease,
+               "rounds": 8, "pause": lease / 2}
+    env = {**os.environ, "DJANGO_SETTINGS_MODULE": "tests.settings", "DATABASE_URL": url, "PYTHONPATH": str(ROOT),
+           "LD_PRELOAD": str(FAKETIME_LIB), "FAKETIME": ahead, "FAKETIME_DONT_RESET": "1"}
+    child = subprocess.run([sys.executable, "-m", "tests.pipeline.skew_child", json.dumps(command)],
+                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    lines = [json.loads(line[len("SKEW "):]) for line in child.stdout.splitlines() if line.startswith("SKEW ")]
+    assert child.returncode == 0 and lines and lines[-1] == {"done": True}, child.stderr[-3000:]
+    gate.set()
+
+    assert lines[0]["host_ahead_seconds"] > int(ahead.strip("+s")) * 0.8, lines[0]  # the clock really was off
+    rounds = lines[1:-1]
+    assert len(rounds) == 8
+    assert {r["outcome"] for r in rounds} == {Outcome.IN_FLIGHT}, rounds
+    assert not any(r["expired_leases"] or r["due_retries"] or r["lost"] for r in rounds), rounds
+    assert holder.result(60) == Outcome.SUCCEEDED
+    assert_succeeded_once(pipeline_input, step_run, calls)
+    assert StepOutput.objects.get(step_run=step_run).output == {"attempt": 1}
