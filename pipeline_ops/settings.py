@@ -147,6 +147,8 @@ IDEMPOTENCY = {
     "RETENTION_HOURS": env_int("IDEMPOTENCY_RETENTION_HOURS", 24),
     "PURGE_BATCH_SIZE": env_int("IDEMPOTENCY_PURGE_BATCH_SIZE", 1000),
     "MAX_WAIT_SECONDS": env_int("IDEMPOTENCY_MAX_WAIT_SECONDS", 10),
+    # Off behind a transaction pooler (PgBouncer transaction mode): see docs/guard.md, liveness.
+    "LIVENESS_LOCKS": env_bool("IDEMPOTENCY_LIVENESS_LOCKS", True),
 }
 
 # --- django-q2 --------------------------------------------------------------------------------
