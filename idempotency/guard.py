@@ -232,7 +232,7 @@ def _claim_existing(
         )
         if max_attempts is not None and record.attempt_count >= max_attempts:
             IdempotencyRecord.objects.filter(pk=record.pk, status=RecordStatus.PROCESSING).update(
-                status=RecordStatus.FAILED, retry_at=None, lease_expires_at=None, updated_at=now,
+                status=RecordStatus.FAILED, retry_at=None, lease_expires_at=None, updated_at=now, expires_at=_kept_until(now),
                 error_summary=f"gave up: {record.attempt_count} attempts started, the last "
                 + ("holder's session ended" if gone else "lease expired"),
             )
@@ -246,7 +246,7 @@ def _claim_existing(
     number = record.attempt_count + 1
     IdempotencyRecord.objects.filter(pk=record.pk, attempt_count=record.attempt_count).update(
         status=RecordStatus.PROCESSING, attempt_count=number, lease_expires_at=now + lease,
-        retry_at=None, updated_at=now,
+        retry_at=None, updated_at=now, expires_at=_kept_until(now),
     )
     record.status, record.attempt_count, record.lease_expires_at, record.retry_at = (
         RecordStatus.PROCESSING, number, now + lease, None,
@@ -376,7 +376,9 @@ def fail(
     with transaction.atomic():
         now = now or db_now(model=IdempotencyRecord)
         retry_at = None if delay is None else now + timedelta(seconds=delay)
-        keep_until = {} if retry_at is None else {"expires_at": Greatest(F("expires_at"), Value(retry_at + _retention()))}
+        # The history of a failure (and a pending retry) is kept a whole retention past it,
+        # whatever the key's first expiry said: the purge must never take live work.
+        keep_until = {"expires_at": _kept_until(retry_at or now)}
         held = _held_by(attempt).update(
             status=RecordStatus.FAILED, retry_at=retry_at, lease_expires_at=None,
             error_summary=summary, updated_at=now, **keep_until,
@@ -407,7 +409,7 @@ def release(*, record: IdempotencyRecord, reason: str, now: datetime | None = No
             return False
         IdempotencyRecord.objects.filter(pk=locked.pk).update(
             status=RecordStatus.FAILED, retry_at=now, lease_expires_at=None,
-            error_summary=f"released by an operator: {reason}"[:500], updated_at=now,
+            error_summary=f"released by an operator: {reason}"[:500], updated_at=now, expires_at=_kept_until(now),
         )
         _attempt_end(
             record_id=locked.pk, number=locked.attempt_count, status=AttemptStatus.TIMED_OUT, now=now,
@@ -419,9 +421,11 @@ def release(*, record: IdempotencyRecord, reason: str, now: datetime | None = No
 def reopen(*, record: IdempotencyRecord, now: datetime | None = None) -> bool:
     """Allow a new attempt on a FAILED key at ``now`` (default: at once, in the database's time;
     an operator's retry). False if not FAILED."""
-    at = db_now_expression() if now is None else Value(now)
+    at = now or db_now(model=IdempotencyRecord)
     return bool(
-        IdempotencyRecord.objects.filter(pk=record.pk, status=RecordStatus.FAILED).update(retry_at=at, updated_at=at)
+        IdempotencyRecord.objects.filter(pk=record.pk, status=RecordStatus.FAILED).update(
+            retry_at=at, updated_at=at, expires_at=_kept_until(at),  # reopened work is live work
+        )
     )
 
 
@@ -430,6 +434,12 @@ def reopen(*, record: IdempotencyRecord, now: datetime | None = None) -> bool:
 
 def _retention() -> timedelta:
     return timedelta(hours=conf.get("RETENTION_HOURS"))
+
+
+def _kept_until(moment: datetime):
+    """``expires_at`` for a record that moved at ``moment``: a whole retention past it, never
+    earlier than it already was (every move of live work pushes the purge back, none pulls it in)."""
+    return Greatest(F("expires_at"), Value(moment + _retention()))
 
 
 def _one_line(error: BaseException) -> str:

@@ -29,12 +29,15 @@ def records_purgeable(*, now: datetime, older_than_hours: float | None = None):
     PROCESSING records are never returned, whatever their age: a live lease means work is running,
     and an expired one means a stuck attempt that a person should see (``records_stuck``).
     """
+    # A failed key with a retry scheduled is live work, however old: it is purged only when its
+    # retry fell due a whole retention period ago and nobody came back for it.
+    retry_pending = Q(status=RecordStatus.FAILED, retry_at__gte=now - timedelta(hours=conf.get("RETENTION_HOURS")))
     if older_than_hours is None:
-        return IdempotencyRecord.objects.expired(now=now)
+        return IdempotencyRecord.objects.expired(now=now).exclude(retry_pending)
     cutoff = now - timedelta(hours=older_than_hours)
     return IdempotencyRecord.objects.filter(updated_at__lt=cutoff).filter(
         Q(status=RecordStatus.COMPLETED) | Q(status=RecordStatus.FAILED) & (Q(retry_at__isnull=True) | Q(retry_at__lt=cutoff))
-    )
+    ).exclude(retry_pending)
 
 
 def records_stuck(*, now: datetime):
@@ -67,8 +70,9 @@ def records_purge(
             ids = list(records_purgeable(now=now, older_than_hours=older_than_hours).values_list("pk", flat=True)[:size])
             if not ids:
                 break
-            # Re-check the status inside the delete: a record reopened since the select survives.
-            deleted = IdempotencyRecord.objects.filter(pk__in=ids).exclude(status=RecordStatus.PROCESSING).delete()[1].get(
+            # The whole rule again inside the delete (PostgreSQL re-checks it on a row changed
+            # meanwhile): a record claimed, released or reopened since the select survives.
+            deleted = records_purgeable(now=now, older_than_hours=older_than_hours).filter(pk__in=ids).delete()[1].get(
                 IdempotencyRecord._meta.label, 0
             )
         report.deleted += deleted

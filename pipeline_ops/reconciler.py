@@ -141,6 +141,9 @@ def reconcile_once(
         # FAILED record: a new task either retries it (retry due) or marks it FAILED (terminal).
         | Q(status=StepStatus.RUNNING, idempotency_record__status=RecordStatus.FAILED)
         & (Q(idempotency_record__retry_at__lte=now) | Q(idempotency_record__retry_at__isnull=True))
+        # A RUNNING step whose key is gone (deleted by hand, or purged by an older release):
+        # nothing holds it, so nothing would ever finish it. A new task claims the key afresh.
+        | Q(status=StepStatus.RUNNING, idempotency_record__isnull=True)
     )
     for row in expired.order_by("enqueued_at").values(*fields)[:limit]:
         _take(report, report.expired_leases, row, now=now, dry_run=dry_run)

@@ -179,3 +179,51 @@ def test_command_raises_command_error_when_argument_is_bad(args, message):
         run_command(*args)
 
     assert IdempotencyRecord.objects.count() == 2
+
+
+# --- the purge never deletes live work ----------------------------------------------------------
+
+
+def test_purge_keeps_key_released_by_an_operator_when_its_first_expiry_has_passed():
+    stuck = claimed("released", now=at(0), lease=4 * DAY)  # expiry at(1 day), still PROCESSING
+    record = IdempotencyRecord.objects.get(key="released")
+    assert guard.release(record=record, reason="stuck on a dead host", now=at(2 * DAY))
+
+    report = records_purge(now=at(2 * DAY + 3600))  # its retry is due: live work
+
+    assert report.deleted == 0 and keys() == {"released"}
+    assert Attempt.objects.get(pk=stuck.pk).status == "TIMED_OUT"  # the history is still there
+
+
+def test_purge_keeps_key_reopened_by_an_operator_when_its_first_expiry_has_passed():
+    failed_for_good("reopened", now=at(0))
+    assert guard.reopen(record=IdempotencyRecord.objects.get(key="reopened"), now=at(2 * DAY))
+
+    assert records_purge(now=at(2 * DAY + 3600)).deleted == 0
+    assert keys() == {"reopened"}
+
+
+def test_purge_keeps_failure_history_a_retention_past_a_failure_late_in_a_long_lease():
+    attempt = claimed("late_failure", now=at(0), lease=4 * DAY)
+    guard.fail(attempt=attempt, error=ValueError("bad"), now=at(3 * DAY))  # terminal, three days in
+
+    assert records_purge(now=at(3 * DAY + 3600)).deleted == 0
+    assert records_purge(now=at(4 * DAY + 60)).deleted == 1  # a whole retention later it goes
+
+
+def test_purge_older_than_zero_keeps_key_whose_retry_is_due():
+    waiting = claimed("waiting", now=at(0))
+    guard.fail(attempt=waiting, error=TimeoutError("t"), policy=RETRYING, now=at(1))  # retry at(11)
+    completed("done", now=at(0))
+
+    report = records_purge(now=at(3600), older_than_hours=0)
+
+    assert report.deleted == 1 and keys() == {"waiting"}
+
+
+def test_purge_keeps_key_taken_over_after_its_lease_when_its_first_expiry_has_passed():
+    claimed("taken_over", now=at(0), lease=60)
+    second = claimed("taken_over", now=at(2 * DAY), lease=60)  # the lease ran out: attempt #2
+    guard.fail(attempt=second, error=TimeoutError("t"), policy=RETRYING, now=at(2 * DAY + 30))
+
+    assert records_purge(now=at(2 * DAY + 3600)).deleted == 0

@@ -9,7 +9,7 @@ from django.core.management import call_command
 from django.utils import timezone
 from django_q.models import OrmQ, Schedule
 
-from idempotency.models import Attempt
+from idempotency.models import Attempt, IdempotencyRecord
 from idempotency.states import AttemptStatus, RecordStatus
 from pipeline_ops.models import StepRun
 from pipeline_ops.reconciler import SCHEDULE_FUNC, SCHEDULE_NAME, reconcile_once, reconcile_schedule_install
@@ -74,6 +74,33 @@ def test_expired_lease_is_enqueued_again_when_worker_died_mid_step(test_steps, p
     assert statuses == [AttemptStatus.TIMED_OUT, AttemptStatus.SUCCEEDED]
     run.refresh_from_db()
     assert run.attempts_used == 2
+
+
+def test_running_step_whose_key_was_deleted_is_enqueued_again_and_finishes(test_steps, pipeline):
+    def dies_once(ctx):
+        if ctx.attempt_number == 1 and not ctx.payload.get("recovered"):
+            raise WorkerKilled()
+        return {"attempt": ctx.attempt_number}
+
+    test_steps("dies_once", dies_once, lease_seconds=30)
+    pipeline_input = submit(pipeline("gone_pipe", ["dies_once"]))
+    run = StepRun.objects.get(input=pipeline_input)
+    with pytest.raises(WorkerKilled):
+        drain()
+    IdempotencyRecord.objects.filter(scope="step", key=run.idempotency_key).delete()  # an operator in the admin
+    run.refresh_from_db()
+    assert run.status == StepStatus.RUNNING and run.idempotency_record_id is None
+    pipeline_input.payload = {**pipeline_input.payload, "recovered": True}
+    pipeline_input.save(update_fields=["payload"])
+    later = timezone.now() + timedelta(seconds=61)  # past the enqueue grace, not past any lease
+
+    report = reconcile_once(now=later)
+
+    assert report.expired_leases == [run.pk]
+    assert [outcome for _, outcome in drain(now=later)] == [Outcome.SUCCEEDED]
+    run.refresh_from_db()
+    assert run.status == StepStatus.SUCCEEDED
+    assert reconcile_once(now=later + timedelta(seconds=61)).enqueued == 0
 
 
 def test_due_retry_is_enqueued_once_when_two_reconcilers_run(test_steps, pipeline):
