@@ -183,7 +183,7 @@ def test_input_page_live_notice_appears_when_a_worker_moves_its_step(page, live_
 
     wait_for_a_poll_after_now(page)
     assert page.locator("#ops-live-notice").is_visible()
-    assert page.inner_text(f"[data-live=step_preprocess]") == "Queued"
+    assert page.inner_text("[data-live=step_preprocess]") == "Queued"
     page.click("#ops-live-reload")
     page.wait_for_selector("#input-timeline")
     assert "Queued" in page.inner_text("#step-preprocess h3")
