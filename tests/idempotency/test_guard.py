@@ -438,3 +438,14 @@ def test_on_claimed_rolls_a_takeover_back_when_it_raises(record_of, attempt_stat
     record = record_of("k")
     assert (record.status, record.attempt_count, record.lease_expires_at) == (RecordStatus.PROCESSING, 1, at(LEASE_SECONDS))
     assert attempt_statuses("k") == {1: AttemptStatus.RUNNING}
+
+
+def test_complete_is_fenced_and_writes_nothing_when_the_record_was_purged_under_it():
+    attempt = claimed("purged", now=at(0))
+    IdempotencyRecord.objects.filter(key="purged").delete()  # the purge, or an operator, under a live attempt
+
+    done = guard.complete(attempt=attempt, result={"late": True}, write=receipt_write("purged", attempt), now=at(1))
+
+    assert done.fenced and done.result is None and "deleted" in done.reason
+    assert not Receipt.objects.exists()  # the write was rolled back
+    assert not IdempotencyRecord.objects.exists()  # and nothing re-created the key

@@ -31,9 +31,10 @@ from pipeline_ops.integrity import integrity_check
 from pipeline_ops.models import PipelineInput, StepOutput, StepRun
 from pipeline_ops.services import steps as step_services
 from pipeline_ops.services.inputs import input_submit
-from pipeline_ops.services.operations import inputs_cancel
+from pipeline_ops.services.operations import inputs_cancel, step_runs_retry
 from pipeline_ops.services.steps import Outcome
 from pipeline_ops.states import InputStatus, StepStatus
+from pipeline_ops.steps import TransientStepError
 
 from .conftest import StepThread, wait_for
 
@@ -45,14 +46,15 @@ FAKETIME_LIB = Path("/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1")
 
 
 class Barrier:
-    """Parks transactions that write ``table`` on an advisory lock the test holds.
+    """Parks transactions that write ``table`` (``event``, rows matching ``when``) on an advisory
+    lock the test holds.
 
     ``mode``: ``"off"`` (pass), ``"wait"`` (wait for the lock), ``"timeout"`` (the same wait with a
     100 ms ``lock_timeout``: the transaction fails with lock_not_available). A sequence counts the
     transactions that reached it (sequences are not rolled back with them).
     """
 
-    def __init__(self, table: str):
+    def __init__(self, table: str, event: str = "INSERT", when: str = ""):
         self.table = table
         self.session = connections.create_connection("default")  # holds the lock, apart from the test's
         self.session.ensure_connection()
@@ -70,7 +72,8 @@ class Barrier:
                 PERFORM pg_advisory_xact_lock({BARRIER_LOCK});
                 RETURN NULL;
             END $$;
-            CREATE TRIGGER fault_barrier_trip AFTER INSERT ON {table} FOR EACH ROW EXECUTE FUNCTION fault_barrier_trip();
+            CREATE TRIGGER fault_barrier_trip AFTER {event} ON {table} FOR EACH ROW {f"WHEN ({when})" if when else ""}
+                EXECUTE FUNCTION fault_barrier_trip();
         """)
 
     def _sql(self, sql: str, params=None):
@@ -114,8 +117,8 @@ class Barrier:
 def barrier():
     made: list[Barrier] = []
 
-    def on(table: str) -> Barrier:
-        made.append(Barrier(table))
+    def on(table: str, event: str = "INSERT", when: str = "") -> Barrier:
+        made.append(Barrier(table, event, when))
         return made[-1]
 
     yield on
@@ -248,6 +251,125 @@ def test_operator_cancel_and_claiming_worker_both_finish_when_lined_up(counted_s
     assert pipeline_input.status == InputStatus.CANCELLED and step_run.status == StepStatus.CANCELLED
     assert [a.status for a in attempts_of(step_run)] == [AttemptStatus.FENCED]
     assert not StepOutput.objects.filter(step_run=step_run).exists()
+
+
+def test_failure_and_the_steps_move_commit_together_when_a_claim_comes_in_between(test_steps, pipeline, barrier):
+    """The failing worker is parked after the key's FAILED and before its commit; a redelivery
+    of the step (retry due at once) comes in then. It waits for the step's row lock instead of
+    finding the key FAILED and the step still RUNNING, so the failure's move cannot overwrite
+    its RUNNING afterwards (once, that turned its success into a terminal failure)."""
+    calls: list[int] = []
+
+    def fails_first(ctx):
+        calls.append(ctx.attempt_number)
+        if ctx.attempt_number == 1:
+            raise TransientStepError("503 from the model")
+        return {"attempt": ctx.attempt_number}
+
+    test_steps("fails_first", fails_first, max_attempts=3)
+    pipeline_input = input_submit(pipeline=pipeline("fail_pipe", ["fails_first"]), payload={"text": "x"}, scope="tests").input
+    step_run = StepRun.objects.get(input=pipeline_input)
+    failing = barrier("idempotency_attempt", "UPDATE", "NEW.status = 'FAILED'")
+    failing.close_with("wait")
+    first = StepThread(step_run.pk)
+    first.start()
+    wait_for(lambda: failing.parked_pid() is not None, timeout=60, message="the failure parked before its commit")
+    redelivery = StepThread(step_run.pk)
+    redelivery.start()
+    wait_for(_a_step_lock_is_waited_for, timeout=60, message="the redelivery waiting for the step's row lock")
+    failing.open()
+
+    assert first.result(60) == Outcome.RETRY_SCHEDULED
+    assert redelivery.result(60) == Outcome.SUCCEEDED
+    assert calls == [1, 2]
+    step_run.refresh_from_db()
+    assert step_run.status == StepStatus.SUCCEEDED and step_run.attempts_used == 2
+    assert [a.status for a in attempts_of(step_run)] == [AttemptStatus.FAILED, AttemptStatus.SUCCEEDED]
+    pipeline_input.refresh_from_db()
+    assert pipeline_input.status == InputStatus.SUCCEEDED
+    assert integrity_check().ok
+
+
+def test_operator_retry_and_claiming_worker_both_finish_when_lined_up(test_steps, pipeline, monkeypatch):
+    """A step waits for its retry; a worker claims it (paused between the step's lock and the
+    rest) while an operator clicks "Retry safely". The operator waits for the step, then sees it
+    running and skips it; the worker runs it once. Nobody loses a deadlock."""
+    calls: list[int] = []
+
+    def fails_first(ctx):
+        calls.append(ctx.attempt_number)
+        if ctx.attempt_number == 1:
+            raise TransientStepError("429 from the model")
+        return {"attempt": ctx.attempt_number}
+
+    test_steps("fails_first", fails_first, max_attempts=3)
+    pipeline_input = input_submit(pipeline=pipeline("retry_pipe", ["fails_first"]), payload={"text": "x"}, scope="tests").input
+    step_run = StepRun.objects.get(input=pipeline_input)
+    first = StepThread(step_run.pk)
+    first.start()
+    assert first.result(60) == Outcome.RETRY_SCHEDULED  # attempt 1 failed; the step waits for its retry
+
+    steps_locked, go_on = threading.Event(), threading.Event()
+    real_lock = step_services.step_rows_lock
+    claimer: list[threading.Thread] = []
+    claimer_calls: list[int] = []
+
+    def lock_then_pause(*, step_run_ids, input_id=None):
+        if threading.current_thread() is claimer[0]:
+            claimer_calls.append(1)
+        # The claim's first transaction tries to insert the key, conflicts with the existing
+        # record and rolls back; its second (the locked path) holds the step while it decides.
+        if threading.current_thread() is not claimer[0] or len(claimer_calls) != 2 or go_on.is_set():
+            return real_lock(step_run_ids=step_run_ids, input_id=input_id)
+        real_lock(step_run_ids=step_run_ids)
+        steps_locked.set()
+        assert go_on.wait(60), "the test never let the claim go on"
+        real_lock(step_run_ids=[], input_id=input_id)
+
+    monkeypatch.setattr(step_services, "step_rows_lock", lock_then_pause)
+    worker = StepThread(step_run.pk)
+    claimer.append(worker)
+    worker.start()
+    assert steps_locked.wait(60), "the claim never locked its step"
+
+    operator_pid: list[int] = []
+    reports, errors = [], []
+
+    def operator_retry():
+        try:
+            with connection.cursor() as cursor:
+                cursor.execute("SELECT pg_backend_pid()")
+                operator_pid.append(cursor.fetchone()[0])
+            reports.append(step_runs_retry(step_runs=[step_run], actor=None, reason="the provider is back", source="cli"))
+        except BaseException as exc:  # surfaced below
+            errors.append(exc)
+        finally:
+            connection.close()
+
+    operator = threading.Thread(target=operator_retry, daemon=True)
+    operator.start()
+    wait_for(lambda: bool(operator_pid) and _waits_on_a_lock(operator_pid[0]), timeout=60, message="the retry waiting on a row lock")
+    go_on.set()
+    operator.join(60)
+
+    assert not operator.is_alive() and not errors, errors
+    assert worker.result(60) == Outcome.SUCCEEDED
+    assert reports[0].done == 0 and reports[0].skipped_total == 1  # it found the step running, or done
+    assert calls == [1, 2]
+    step_run.refresh_from_db()
+    assert step_run.status == StepStatus.SUCCEEDED
+    assert [a.status for a in attempts_of(step_run)] == [AttemptStatus.FAILED, AttemptStatus.SUCCEEDED]
+
+
+def _a_step_lock_is_waited_for() -> bool:
+    """Some backend waits on a row lock while locking step runs (the claim's first lock)."""
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'"
+            " AND query ILIKE %s",
+            ["%pipeline_ops_steprun%FOR NO KEY UPDATE%"],
+        )
+        return cursor.fetchone()[0] > 0
 
 
 def _waits_on_a_lock(pid: int) -> bool:
