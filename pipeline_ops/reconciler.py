@@ -9,7 +9,9 @@ Three kinds, each bounded per pass:
   already FAILED, with a due retry or for good (a crash between the guard's ``fail`` and the
   step's move);
 * **lost messages**: QUEUED for longer than a grace period with no task on the broker (ORM
-  broker: no ``OrmQ`` row names it; Redis: no way to look, so age alone).
+  broker: no ``OrmQ`` row names it; Redis: no message in the list names it). Re-sending only
+  those keeps one outstanding message per step: judging by age alone flooded a long Redis queue
+  with copies of messages that were only waiting.
 
 Every re-enqueue is a conditional UPDATE on the row's ``(status, enqueued_at)`` as read, with the
 enqueue in the same transaction: two reconcilers racing send once. A duplicate that slips through
@@ -69,21 +71,24 @@ class ReconcileReport:
 
 
 def queued_step_run_ids(*, limit: int = MAX_QUEUE_ROWS_SCANNED) -> set[int] | None:
-    """Ids of the step runs that have a task on the ORM broker (queued, prefetched or running).
+    """Ids of the step runs that have a task on the broker.
 
-    None when that cannot be known: the Redis broker, or more rows than ``limit``.
+    ORM broker: every ``OrmQ`` row (waiting, prefetched or running: a row is deleted at its ack).
+    Redis: every message still in the list (a message a cluster has popped is not there any more:
+    its step is claimed within a task or two, inside the lost grace). None when more than
+    ``limit`` messages wait: the lost check then trusts age alone.
     """
-    if not uses_transactional_broker():
+    payloads = _broker_payloads(limit=limit)
+    if payloads is None:
         return None
-    from django_q.conf import Conf
-    from django_q.models import OrmQ
+    from django_q.signing import SignedPackage
 
-    rows = list(OrmQ.objects.using(Conf.ORM).filter(key=Conf.PREFIX).values_list("payload", flat=True)[: limit + 1])
-    if len(rows) > limit:
-        return None
     ids: set[int] = set()
-    for payload in rows:
-        task = OrmQ(payload=payload).task
+    for payload in payloads:
+        try:
+            task = SignedPackage.loads(payload)
+        except Exception:  # noqa: BLE001 - a message of another project or key: not ours
+            continue
         name = str(task.get("name") or "")
         if name.startswith("step_run:"):
             try:
@@ -91,6 +96,20 @@ def queued_step_run_ids(*, limit: int = MAX_QUEUE_ROWS_SCANNED) -> set[int] | No
             except ValueError:
                 pass
     return ids
+
+
+def _broker_payloads(*, limit: int) -> list | None:
+    if uses_transactional_broker():
+        from django_q.conf import Conf
+        from django_q.models import OrmQ
+
+        rows = list(OrmQ.objects.using(Conf.ORM).filter(key=Conf.PREFIX).values_list("payload", flat=True)[: limit + 1])
+        return None if len(rows) > limit else rows
+    from .queueing import process_broker
+
+    broker = process_broker()
+    payloads = broker.connection.lrange(broker.list_key, 0, limit)  # one round trip; nothing is popped
+    return None if len(payloads) > limit else payloads
 
 
 def _requeue(*, step_run: dict, now: datetime, dry_run: bool) -> bool:
@@ -155,7 +174,7 @@ def reconcile_once(
     )
     if candidates:
         on_queue = queued_step_run_ids()
-        if on_queue is None and uses_transactional_broker():
+        if on_queue is None:
             report.notes.append("queue too long to inspect: lost messages judged by age alone")
         for row in candidates:
             if on_queue is not None and row["pk"] in on_queue:

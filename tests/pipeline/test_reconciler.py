@@ -103,6 +103,46 @@ def test_running_step_whose_key_was_deleted_is_enqueued_again_and_finishes(test_
     assert reconcile_once(now=later + timedelta(seconds=61)).enqueued == 0
 
 
+@pytest.fixture
+def redis_broker(monkeypatch, settings):
+    """The real Redis broker on 127.0.0.1, on a queue of this test's own."""
+    import uuid
+
+    from django_q.conf import Conf
+
+    from pipeline_ops.queueing import process_broker
+
+    monkeypatch.setattr(Conf, "ORM", None)
+    monkeypatch.setattr(Conf, "REDIS", "redis://127.0.0.1:6379/0")
+    monkeypatch.setattr(Conf, "CLUSTER_NAME", f"pipeline_ops_reconcile_{uuid.uuid4().hex[:8]}")
+    settings.PIPELINE_OPS_BROKER = "redis"
+    process_broker.cache_clear()
+    broker = process_broker()
+    yield broker
+    broker.delete_queue()
+    process_broker.cache_clear()
+
+
+def test_redis_message_still_waiting_is_never_sent_again_and_a_lost_one_is_once(redis_broker, django_capture_on_commit_callbacks):
+    with django_capture_on_commit_callbacks(execute=True):
+        pipeline_input = submit()
+    first = StepRun.objects.get(input=pipeline_input, position=0)
+    assert redis_broker.queue_size() == 1
+    later = timezone.now() + timedelta(seconds=61)  # past the lost grace
+
+    for _ in range(3):  # three passes while the message waits behind a long queue
+        with django_capture_on_commit_callbacks(execute=True):
+            assert reconcile_once(now=later).lost == []
+    assert redis_broker.queue_size() == 1  # one outstanding message, not four
+
+    redis_broker.purge_queue()  # Redis forgot it (popped by a cluster that then died)
+    with django_capture_on_commit_callbacks(execute=True):
+        assert reconcile_once(now=later).lost == [first.pk]
+    with django_capture_on_commit_callbacks(execute=True):
+        assert reconcile_once(now=later + timedelta(seconds=61)).lost == []
+    assert redis_broker.queue_size() == 1
+
+
 def test_due_retry_is_enqueued_once_when_two_reconcilers_run(test_steps, pipeline):
     def flaky(ctx):
         if ctx.attempt_number == 1:
