@@ -190,6 +190,54 @@ class OperatorAction(models.Model):
         return f"{self.action} {self.target_type} {self.target_id} by {self.actor_name or '?'}"
 
 
+from django.db.models.functions import Now  # noqa: E402
+
+
+class BulkAction(models.Model):
+    """An operator action on many targets, run in the background (``services.bulk``): planned
+    in the request, then worked through by a django-q2 task in slices. Its audit rows are the
+    ``OperatorAction`` rows that share its ``batch``."""
+
+    class Status(models.TextChoices):
+        QUEUED = "QUEUED", "Queued"
+        RUNNING = "RUNNING", "Running"
+        DONE = "DONE", "Done"
+        FAILED = "FAILED", "Failed"
+
+    batch = models.UUIDField(default=uuid.uuid4, unique=True, help_text="The batch id of its audit rows (Operator actions).")
+    action = models.CharField(max_length=16, choices=OperatorAction.Action.choices, help_text="What was asked for.")
+    target_type = models.CharField(max_length=50, help_text="'step_run' or 'input'.")
+    target_ids = models.JSONField(default=list, help_text="The selected targets, in the order they are worked through.")
+    actor = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+", help_text="Who asked.",
+    )
+    actor_name = models.CharField(max_length=150, blank=True, default="", help_text="The actor's username, kept if the user is deleted.")
+    source = models.CharField(max_length=8, choices=OperatorAction.Source.choices, help_text="Where the action came from.")
+    reason = models.TextField(help_text="Why, in the operator's words.")
+    status = models.CharField(max_length=8, choices=Status.choices, default=Status.QUEUED, db_index=True, help_text="Where the run is.")
+    position = models.PositiveIntegerField(default=0, help_text="Targets worked through so far.")
+    done = models.PositiveIntegerField(default=0, help_text="Targets acted on (from the audit rows).")
+    skipped = models.PositiveIntegerField(default=0, help_text="Targets skipped, with their reasons in the audit rows.")
+    message = models.TextField(blank=True, default="", help_text="The summary, when done; the error, when failed.")
+    created_at = models.DateTimeField(auto_now_add=True, db_index=True, help_text="When it was asked for.")
+    started_at = models.DateTimeField(null=True, blank=True, help_text="When a worker first took it.")
+    finished_at = models.DateTimeField(null=True, blank=True, help_text="When the last target was worked through.")
+    # Written by the database's clock (db_default, and Now() in every update): the reconciler
+    # compares it with the database's time to find an action whose task was lost.
+    updated_at = models.DateTimeField(db_default=Now(), help_text="Last progress: a running action that stops moving is re-sent.")
+
+    class Meta:
+        verbose_name = "background action"
+        ordering = ["-created_at"]
+
+    def __str__(self) -> str:
+        return f"{self.get_action_display()} of {len(self.target_ids)} {self.target_type}s ({self.get_status_display()})"
+
+    @property
+    def total(self) -> int:
+        return len(self.target_ids)
+
+
 # --- Operators' own pages over the guard's attempts (proxy models: no tables of their own) ------
 
 from django.utils import timezone  # noqa: E402

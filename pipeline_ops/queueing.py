@@ -36,3 +36,19 @@ def step_run_enqueue(*, step_run_id: int) -> None:
         send()
     else:
         transaction.on_commit(send)
+
+
+BULK_TASK = "pipeline_ops.tasks.bulk_action_task"
+
+
+def bulk_action_enqueue(*, bulk_id: int) -> None:
+    """Queue the next slice of a background operator action (``services.bulk``). Safe to call
+    twice: a second delivery of a slice finds the position moved and does nothing."""
+
+    def send() -> None:
+        async_task(BULK_TASK, bulk_id, broker=process_broker(), task_name=f"bulk_action:{bulk_id}")
+
+    if uses_transactional_broker():
+        send()
+    else:
+        transaction.on_commit(send)

@@ -50,6 +50,7 @@ class ReconcileReport:
     skipped_races: int = 0
     queue_rows_scanned: int = 0
     notes: list[str] = field(default_factory=list)
+    bulk_actions: list[int] = field(default_factory=list)  # background operator actions re-sent
 
     @property
     def enqueued(self) -> int:
@@ -180,9 +181,33 @@ def reconcile_once(
             if on_queue is not None and row["pk"] in on_queue:
                 continue  # its task is waiting, prefetched or running: not lost
             _take(report, report.lost, row, now=now, dry_run=dry_run)
+    report.bulk_actions = _stalled_bulk_actions_resend(now=now, dry_run=dry_run)
     if report.enqueued:
         log.info("reconciler: %s", report.summary())
     return report
+
+
+def _stalled_bulk_actions_resend(*, now: datetime, dry_run: bool) -> list[int]:
+    """Background operator actions that stopped moving (their task was lost, or its worker
+    died): queue their next slice again, each once (conditional on the progress time as read)."""
+    from .models import BulkAction
+    from .queueing import bulk_action_enqueue
+
+    stall = timedelta(seconds=settings.PIPELINE_OPS_BULK_STALL_SECONDS)
+    stalled = BulkAction.objects.filter(
+        status__in=[BulkAction.Status.QUEUED, BulkAction.Status.RUNNING], updated_at__lt=now - stall
+    )
+    sent = []
+    for pk in stalled.values_list("pk", flat=True)[:100]:
+        if dry_run:
+            sent.append(pk)
+            continue
+        with transaction.atomic():
+            # Still stalled as this UPDATE sees it: of two reconcilers, one sends.
+            if stalled.filter(pk=pk).update(updated_at=now):
+                bulk_action_enqueue(bulk_id=pk)
+                sent.append(pk)
+    return sent
 
 
 def _take(report: ReconcileReport, bucket: list[int], row: dict, *, now: datetime, dry_run: bool) -> None:

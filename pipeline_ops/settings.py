@@ -161,6 +161,12 @@ STEP_TIMEOUT_SECONDS = env_int("STEP_TIMEOUT_SECONDS", 300)
 # meanwhile. Both stay well inside STEP_TIMEOUT_SECONDS, after which django-q2 kills the worker.
 PIPELINE_OPS_DB_RETRY_SECONDS = env_int("PIPELINE_OPS_DB_RETRY_SECONDS", 30)
 PIPELINE_OPS_COMPLETION_RETRY_SECONDS = env_int("PIPELINE_OPS_COMPLETION_RETRY_SECONDS", 90)
+# Operator actions on more targets than this run in the background, this many targets a task
+# (services.bulk): a request never works through thousands, a task stays far inside its timeout.
+PIPELINE_OPS_BULK_THRESHOLD = env_int("PIPELINE_OPS_BULK_THRESHOLD", 200)
+PIPELINE_OPS_BULK_SLICE = env_int("PIPELINE_OPS_BULK_SLICE", 500)
+# A background action whose row did not move for this long (its task was lost) is re-sent.
+PIPELINE_OPS_BULK_STALL_SECONDS = env_int("PIPELINE_OPS_BULK_STALL_SECONDS", 600)
 PIPELINE_OPS_BROKER = os.environ.get("PIPELINE_OPS_BROKER", "orm").lower()
 REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
 _q_workers = env_int("Q_WORKERS", 2)

@@ -19,3 +19,12 @@ def step_run_execute_task(step_run_id: int) -> str:
 def reconcile_task() -> dict:
     """One reconciler pass (the django-q2 schedule 'pipeline_ops.reconcile' runs it every minute)."""
     return reconcile_once().as_dict()
+
+
+@log_context_isolated
+def bulk_action_task(bulk_id: int) -> str:
+    """One slice of a background operator action (``services.bulk``); returns its status."""
+    from .services.bulk import bulk_run_slice
+
+    bulk = bulk_run_slice(bulk_id=int(bulk_id))
+    return bulk.status if bulk is not None else "nothing to do"

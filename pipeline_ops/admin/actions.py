@@ -9,8 +9,12 @@ from django import forms
 from django.contrib import messages
 from django.contrib.admin import helpers
 from django.db.models import QuerySet
+from django.http import HttpResponseRedirect
 from django.template.response import TemplateResponse
+from django.urls import reverse
+from django.utils.html import format_html
 
+from ..services import bulk
 from ..services.operations import ActionReport, Decision
 
 # A confirmation page lists this many decisions in full; the rest are summarised by count.
@@ -39,20 +43,37 @@ def confirm_then_run(
     run: Callable[[str], ActionReport],
     will: dict[str, str] | None = None,
     danger: bool = False,
+    background_action: str | None = None,
 ):
     """First POST (from the action menu) or GET (a row's button): show the plan and ask for a
     reason. Second POST (``post=yes`` with a reason): run the service, log each object acted on,
     one message. ``will`` maps a decision's kind to what the action will do to such a target
-    (the decision's own reason says what the target is now)."""
+    (the decision's own reason says what the target is now). With ``background_action`` (an
+    ``OperatorAction.Action``), more than ``PIPELINE_OPS_BULK_THRESHOLD`` targets are not worked
+    through in the request: the planned targets go to ``services.bulk`` and the operator is taken
+    to the background action's page, which shows its progress and summary."""
     will = will or {}
     form = ReasonForm(request.POST if request.POST.get("post") == "yes" else None)
     if request.POST.get("post") == "yes" and form.is_valid():
         reason = form.cleaned_data["reason"]
-        if not any(d.acts for d in plan()):
+        planned = plan()
+        acting_count = sum(1 for d in planned if d.acts)
+        if not acting_count:
             # Nothing to do (the button was disabled; a crafted or stale POST): write nothing,
             # not even skipped audit rows, and say so.
             modeladmin.message_user(request, f"{title}: nothing to do, every selected item is skipped; nothing was written.", messages.WARNING)
             return None
+        if background_action is not None and bulk.bulk_wanted(len(planned)):
+            started = bulk.bulk_start(
+                action=background_action, target_type=planned[0].target_type, target_ids=[d.target_id for d in planned],
+                actor=request.user, reason=reason, source="admin",
+            )
+            url = reverse("admin:pipeline_ops_bulkaction_change", args=[started.pk])
+            modeladmin.message_user(request, format_html(
+                '{}: {} targets ({} to act on) are being worked through in the background: <a href="{}">follow its progress</a>.',
+                title, len(planned), acting_count, url,
+            ), messages.SUCCESS)
+            return HttpResponseRedirect(url)
         report = run(reason)
         for decision in report.decisions:
             if decision.acts:

@@ -12,7 +12,7 @@ retried (``STEP_TRANSITIONS`` has no move out of DISCARDED) and leaves the Dead 
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from datetime import datetime
 
 from django.db import transaction
@@ -57,13 +57,16 @@ def step_runs_discard_plan(*, step_runs: Iterable[StepRun]) -> list[Decision]:
     return [_decide_discard(s, records.get(s.pk)) for s in loaded]
 
 
-def step_runs_discard(*, step_runs: Iterable[StepRun], actor, reason: str, source: str, now: datetime | None = None) -> ActionReport:
+def step_runs_discard(
+    *, step_runs: Iterable[StepRun], actor, reason: str, source: str, now: datetime | None = None,
+    on_decision: Callable[[Decision], None] | None = None, batch: uuid.UUID | None = None,
+) -> ActionReport:
     """Give up on dead (FAILED) steps: each becomes DISCARDED, with one audit row in the
     transaction of its move; any other step is skipped with the reason. Callers check
     ``pipeline_ops.discard_steprun``. Raises ValueError for an empty reason or an unknown source."""
     reason = _require_reason(reason, source)
     now = now or db_now()
-    report = ActionReport(action=OperatorAction.Action.DISCARD, verb="discarded", batch=uuid.uuid4())
+    report = ActionReport(action=OperatorAction.Action.DISCARD, verb="discarded", batch=batch or uuid.uuid4())
     for step_run_id in _pks(step_runs):
         with transaction.atomic():
             loaded = _step_runs_load([step_run_id], for_update=True)  # the step first, then its key
@@ -87,4 +90,6 @@ def step_runs_discard(*, step_runs: Iterable[StepRun], actor, reason: str, sourc
             _audit(batch=report.batch, actor=actor, source=source, action=OperatorAction.Action.DISCARD, reason=reason,
                    decision=decision, before=before, after=after, outcome=decision.acts)
         report.add(decision)
+        if on_decision is not None:
+            on_decision(decision)
     return report

@@ -309,6 +309,8 @@ def step_runs_retry(
     now: datetime | None = None,
     rate_per_second: float | None = None,
     on_decision: Callable[[Decision], None] | None = None,
+    batch: uuid.UUID | None = None,
+    spread_from: int = 0,
 ) -> ActionReport:
     """Retry step runs safely; one audit row per step run, in the transaction of its change.
 
@@ -325,15 +327,18 @@ def step_runs_retry(
     in the future, and the reconciler sends them when due; nothing sleeps here.
 
     ``force`` is taken as given: callers check ``pipeline_ops.force_retry_steprun``.
+    ``on_decision`` is called after each target's transaction; ``batch`` (default: a new one) is
+    the id its audit rows share (a background run passes its own: ``services.bulk``), and
+    ``spread_from`` how many of its retries earlier slices queued (the spread goes on from there).
     Raises ValueError for an empty reason or an unknown source.
     """
     reason = _require_reason(reason, source)
     now = now or db_now()  # leases and due times are the database's (idempotency.clock)
-    batch = uuid.uuid4()
+    batch = batch or uuid.uuid4()
     report = ActionReport(action=OperatorAction.Action.FORCE_RETRY if force else OperatorAction.Action.RETRY, verb="queued", batch=batch)
     rate = retry_rate_per_second() if rate_per_second is None else max(0.0, rate_per_second)
     for step_run_id in _pks(step_runs):
-        delay = (report.done / rate) if rate > 0 else 0.0
+        delay = ((spread_from + report.done) / rate) if rate > 0 else 0.0
         due = now + timedelta(seconds=delay)
         decision = _step_run_retry_one(
             step_run_id=step_run_id, actor=actor, reason=reason, source=source, force=force, now=now, due=due, batch=batch
@@ -433,10 +438,16 @@ def inputs_retry_plan(*, inputs: Iterable[PipelineInput], force: bool = False, n
     return step_runs_retry_plan(step_runs=_input_retry_targets(inputs), force=force, now=now)
 
 
-def inputs_retry(*, inputs: Iterable[PipelineInput], actor, reason: str, source: str, force: bool = False) -> ActionReport:
+def inputs_retry(
+    *, inputs: Iterable[PipelineInput], actor, reason: str, source: str, force: bool = False,
+    on_decision: Callable[[Decision], None] | None = None, batch: uuid.UUID | None = None, spread_from: int = 0,
+) -> ActionReport:
     """Retry the failed, waiting or stuck steps of each input (see ``step_runs_retry``).
     Raises ValueError for an empty reason or an unknown source."""
-    return step_runs_retry(step_runs=_input_retry_targets(inputs), actor=actor, reason=reason, source=source, force=force)
+    return step_runs_retry(
+        step_runs=_input_retry_targets(inputs), actor=actor, reason=reason, source=source, force=force,
+        on_decision=on_decision, batch=batch, spread_from=spread_from,
+    )
 
 
 def input_retry(*, pipeline_input: PipelineInput, actor, reason: str, source: str, force: bool = False) -> ActionReport:
@@ -469,7 +480,10 @@ def inputs_cancel_plan(*, inputs: Iterable[PipelineInput]) -> list[Decision]:
     return [_decide_cancel(i) for i in PipelineInput.objects.filter(pk__in=_pks(inputs)).order_by("created_at")]
 
 
-def inputs_cancel(*, inputs: Iterable[PipelineInput], actor, reason: str, source: str) -> ActionReport:
+def inputs_cancel(
+    *, inputs: Iterable[PipelineInput], actor, reason: str, source: str,
+    on_decision: Callable[[Decision], None] | None = None, batch: uuid.UUID | None = None,
+) -> ActionReport:
     """Cancel inputs that are not finished: their pending and queued steps are CANCELLED and a
     running step's key is released, so its attempt is fenced if it ever tries to complete
     (``services.inputs.input_cancel``). Finished inputs are skipped with the reason. One audit
@@ -477,7 +491,7 @@ def inputs_cancel(*, inputs: Iterable[PipelineInput], actor, reason: str, source
     from .inputs import input_cancel
 
     reason = _require_reason(reason, source)
-    report = ActionReport(action=OperatorAction.Action.CANCEL, verb="cancelled", batch=uuid.uuid4())
+    report = ActionReport(action=OperatorAction.Action.CANCEL, verb="cancelled", batch=batch or uuid.uuid4())
     for input_id in _pks(inputs):
         with transaction.atomic():
             # The one lock order (docs/guard.md): the input's step runs, then the input. Locking
@@ -499,6 +513,8 @@ def inputs_cancel(*, inputs: Iterable[PipelineInput], actor, reason: str, source
                 outcome=decision.acts,
             )
         report.add(decision)
+        if on_decision is not None:
+            on_decision(decision)
     return report
 
 
@@ -525,14 +541,17 @@ def step_runs_release_lease_plan(*, step_runs: Iterable[StepRun], now: datetime 
     return [_decide_release(s, records.get(s.pk), holders.get(getattr(records.get(s.pk), "pk", None)), now=now) for s in loaded]
 
 
-def step_runs_release_lease(*, step_runs: Iterable[StepRun], actor, reason: str, source: str, now: datetime | None = None) -> ActionReport:
+def step_runs_release_lease(
+    *, step_runs: Iterable[StepRun], actor, reason: str, source: str, now: datetime | None = None,
+    on_decision: Callable[[Decision], None] | None = None, batch: uuid.UUID | None = None,
+) -> ActionReport:
     """Release expired (stuck) leases: the key becomes FAILED with a retry due now, the stuck
     attempt TIMED_OUT (FENCED if it ever completes), and the step waits as RETRY_WAIT due now, so
     the reconciler's next pass runs it. Live leases are refused (that is a forced retry).
     Raises ValueError for an empty reason or an unknown source."""
     reason = _require_reason(reason, source)
     now = now or db_now()  # leases and due times are the database's (idempotency.clock)
-    report = ActionReport(action=OperatorAction.Action.RELEASE_LEASE, verb="released", batch=uuid.uuid4())
+    report = ActionReport(action=OperatorAction.Action.RELEASE_LEASE, verb="released", batch=batch or uuid.uuid4())
     who = _actor_name(actor) or source
     for step_run_id in _pks(step_runs):
         with transaction.atomic():
@@ -557,4 +576,6 @@ def step_runs_release_lease(*, step_runs: Iterable[StepRun], actor, reason: str,
                 outcome=decision.acts,
             )
         report.add(decision)
+        if on_decision is not None:
+            on_decision(decision)
     return report
