@@ -237,6 +237,34 @@ def test_select_all_across_pages_retries_every_failed_input(page, live_server):
     assert all(status_of(first_step(i)) in (StepStatus.QUEUED, StepStatus.RETRY_WAIT) for i in inputs)
 
 
+def test_retry_of_more_than_the_threshold_runs_in_the_background_and_its_page_follows_it(page, live_server, settings):
+    from tests.admin.test_bulk_actions import run_bulk_tasks
+
+    settings.PIPELINE_OPS_BULK_THRESHOLD = 3
+    settings.PIPELINE_OPS_BULK_SLICE = 2
+    settings.PIPELINE_OPS_RETRY_RATE = 0
+    inputs = [failed_input()[0] for _ in range(4)]
+    log_in(page, live_server, operator("senior", *ALL))
+    page.goto(f"{live_server.url}/admin/pipeline_ops/pipelineinput/?status__exact=FAILED")
+    page.check("#action-toggle")
+    page.select_option("select[name=action]", "retry_inputs")
+    page.click("button[name=index]")
+    message = confirm(page, "provider back, INC-40")
+
+    assert "in the background" in message and "0 of 4" in page.inner_text("#content")
+    assert all(status_of(first_step(i)) == StepStatus.FAILED for i in inputs)  # the request acted on nothing
+    run_bulk_tasks()  # the workers' part: three slices
+    # The page reloads itself while the action runs; it shows the end without a click.
+    page.wait_for_function("document.querySelector('#content').innerText.includes('4 done, 0 skipped of 4 step runs')",
+                           timeout=30_000)
+    assert "4 of 4" in page.inner_text("#content")
+    assert all(status_of(first_step(i)) == StepStatus.QUEUED for i in inputs)
+    page.click("#bulk-audit-rows")
+    page.wait_for_selector("#result_list")
+    assert page.locator("#result_list tbody tr").count() == 4
+    assert OperatorAction.objects.filter(outcome="done", reason="provider back, INC-40").count() == 4
+
+
 # --- step runs and the attempt pages ---------------------------------------------------------------------
 
 
