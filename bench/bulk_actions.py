@@ -43,31 +43,15 @@ def main() -> int:
     if args.rounds < 3:
         raise SystemExit("bench/bulk_actions.py: --rounds must be at least 3")
 
-    import dj_database_url
-    import psycopg
+    from bench.scratch import scratch_database
 
-    server = dj_database_url.parse(args.database_url)
-    if "postgresql" not in server["ENGINE"]:
-        raise SystemExit("bench/bulk_actions.py measures PostgreSQL: give a postgres:// --database-url")
-    scratch = f"bench_bulk_{os.getpid()}"
-    admin_dsn = dict(host=server["HOST"] or "127.0.0.1", port=server["PORT"] or 5432, user=server["USER"] or "postgres",
-                     password=server["PASSWORD"] or None, dbname=server["NAME"] or "postgres")
-    with psycopg.connect(**admin_dsn, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{scratch}"')
-    try:
-        os.environ["DATABASE_URL"] = args.database_url.rsplit("/", 1)[0] + f"/{scratch}"
+    with scratch_database(args.database_url, name=f"bench_bulk_{os.getpid()}", script="bench/bulk_actions.py"):
         os.environ.setdefault("SECRET_KEY", "bench-only-secret-key")
         os.environ["DJANGO_SETTINGS_MODULE"] = "pipeline_ops.settings"
         os.environ["PIPELINE_OPS_BROKER"] = "orm"
         os.environ["PIPELINE_OPS_QUEUE"] = f"bench-bulk-{os.getpid()}"
         os.environ["ALLOWED_HOSTS"] = "testserver"
         return run(args)
-    finally:
-        from django.db import connections
-
-        connections.close_all()
-        with psycopg.connect(**admin_dsn, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{scratch}" WITH (FORCE)')
 
 
 def run(args) -> int:
@@ -131,10 +115,17 @@ def run(args) -> int:
     url = reverse("admin:pipeline_ops_steprun_changelist")
     settings.PIPELINE_OPS_RETRY_RATE = 0
 
-    def post(targets: list[int]) -> tuple[float, int]:
-        form = {"action": "retry_steps", "_selected_action": targets, "post": "yes", "reason": "bench"}
+    def post(targets: list[int] | None) -> tuple[float, int]:
+        """The confirmation's POST: the ticked targets, or (None) "select all" on the failed steps'
+        list, as an operator selects thousands (one id and select_across, the filter in the URL)."""
+        if targets is None:
+            form = {"action": "retry_steps", "_selected_action": ids[:1], "select_across": "1", "post": "yes", "reason": "bench"}
+            target_url = url + "?status__exact=FAILED"
+        else:
+            form = {"action": "retry_steps", "_selected_action": targets, "post": "yes", "reason": "bench"}
+            target_url = url
         began = time.perf_counter()
-        response = client.post(url, form)
+        response = client.post(target_url, form)
         return time.perf_counter() - began, response.status_code
 
     foreground, background = [], []
@@ -154,8 +145,8 @@ def run(args) -> int:
 
     requests = []
     for _ in range(3):
-        seconds, status = post(ids)
-        assert status == 302
+        seconds, status = post(None)
+        assert status == 302 and BulkAction.objects.get().total == len(ids), status
         requests.append(seconds)
         if len(requests) < 3:
             reset()

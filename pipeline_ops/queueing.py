@@ -26,16 +26,22 @@ def uses_transactional_broker() -> bool:
     return settings.PIPELINE_OPS_BROKER == "orm"
 
 
-def step_run_enqueue(*, step_run_id: int) -> None:
-    """Queue one execution of the step run. Safe to call twice: the task is guarded."""
+def _enqueue(func: str, arg, *, name: str) -> None:
+    """ORM broker: the queue row joins the caller's transaction (an outbox). Redis: sent after
+    the commit, so a rolled-back transaction sends nothing."""
 
     def send() -> None:
-        async_task(STEP_TASK, step_run_id, broker=process_broker(), task_name=f"step_run:{step_run_id}")
+        async_task(func, arg, broker=process_broker(), task_name=name)
 
     if uses_transactional_broker():
         send()
     else:
         transaction.on_commit(send)
+
+
+def step_run_enqueue(*, step_run_id: int) -> None:
+    """Queue one execution of the step run. Safe to call twice: the task is guarded."""
+    _enqueue(STEP_TASK, step_run_id, name=f"step_run:{step_run_id}")
 
 
 BULK_TASK = "pipeline_ops.tasks.bulk_action_task"
@@ -44,11 +50,4 @@ BULK_TASK = "pipeline_ops.tasks.bulk_action_task"
 def bulk_action_enqueue(*, bulk_id: int) -> None:
     """Queue the next slice of a background operator action (``services.bulk``). Safe to call
     twice: a second delivery of a slice finds the position moved and does nothing."""
-
-    def send() -> None:
-        async_task(BULK_TASK, bulk_id, broker=process_broker(), task_name=f"bulk_action:{bulk_id}")
-
-    if uses_transactional_broker():
-        send()
-    else:
-        transaction.on_commit(send)
+    _enqueue(BULK_TASK, bulk_id, name=f"bulk_action:{bulk_id}")

@@ -196,55 +196,81 @@ def test_step_succeeds_once_when_a_lock_timeout_hits_its_completion(counted_step
     assert_succeeded_once(pipeline_input, step_run, calls)
 
 
+class ClaimPausedAfterItsStepLock:
+    """A worker whose claim stops between its step's row lock and its input's (the rest of the
+    claim's transaction), until ``go_on()``. ``on_call``: which of the worker's step locks
+    pauses (a claim on an existing key first tries an insert, which conflicts and rolls back;
+    its second transaction is the locked path that holds the step while it decides)."""
+
+    def __init__(self, monkeypatch, step_run_id: int, *, on_call: int = 1):
+        self.steps_locked, self._go_on = threading.Event(), threading.Event()
+        real_lock = step_services.step_rows_lock
+        calls: list[int] = []
+        self.worker = StepThread(step_run_id)
+
+        def lock_then_pause(*, step_run_ids, input_id=None):
+            mine = threading.current_thread() is self.worker
+            if mine:
+                calls.append(1)
+            if not mine or len(calls) != on_call or self._go_on.is_set():
+                return real_lock(step_run_ids=step_run_ids, input_id=input_id)
+            real_lock(step_run_ids=step_run_ids)  # the step, as the claim does first
+            self.steps_locked.set()
+            assert self._go_on.wait(60), "the test never let the claim go on"
+            real_lock(step_run_ids=[], input_id=input_id)  # then the input
+
+        monkeypatch.setattr(step_services, "step_rows_lock", lock_then_pause)
+        self.worker.start()
+        assert self.steps_locked.wait(60), "the claim never locked its step"
+
+    def go_on(self) -> None:
+        self._go_on.set()
+
+
+class OperatorThread(threading.Thread):
+    """An operator's action in a thread and connection of its own; ``pid`` is its backend."""
+
+    def __init__(self, action):
+        super().__init__(daemon=True)
+        self.action, self.pid, self.result, self.error = action, None, None, None
+
+    def run(self) -> None:
+        try:
+            with connection.cursor() as cursor:
+                cursor.execute("SELECT pg_backend_pid()")
+                self.pid = cursor.fetchone()[0]
+            self.result = self.action()
+        except BaseException as exc:  # surfaced by the test
+            self.error = exc
+        finally:
+            connection.close()
+
+    def waits_on_a_lock(self) -> bool:
+        return self.pid is not None and _waits_on_a_lock(self.pid)
+
+    def finish(self):
+        self.join(60)
+        assert not self.is_alive(), "the operator's action never finished"
+        if self.error:
+            raise self.error  # a "deadlock detected" surfaces here
+        return self.result
+
+
 def test_operator_cancel_and_claiming_worker_both_finish_when_lined_up(counted_step, monkeypatch):
     """The claim holds the step and is about to lock the input; the operator's cancel starts
     then. In the one lock order the cancel waits for the step; locking the input first (as the
     console's cancel once did) deadlocked, and PostgreSQL aborted the operator's cancel."""
     pipeline_input, step_run, calls, gate = counted_step(gated=True)
-    steps_locked, go_on = threading.Event(), threading.Event()
-    real_lock = step_services.step_rows_lock
-    claimer: list[threading.Thread] = []
-
-    def lock_then_pause(*, step_run_ids, input_id=None):
-        if threading.current_thread() is not claimer[0] or go_on.is_set():
-            return real_lock(step_run_ids=step_run_ids, input_id=input_id)
-        real_lock(step_run_ids=step_run_ids)  # the step, as the claim does first
-        steps_locked.set()
-        assert go_on.wait(60), "the test never let the claim go on"
-        real_lock(step_run_ids=[], input_id=input_id)  # then the input
-
-    monkeypatch.setattr(step_services, "step_rows_lock", lock_then_pause)
-    worker = StepThread(step_run.pk)
-    claimer.append(worker)
-    worker.start()
-    assert steps_locked.wait(60), "the claim never locked its step"
-
-    cancel_pid: list[int] = []
-    cancel_errors: list[BaseException] = []
-    cancelled: list = []
-
-    def operator_cancel():
-        try:
-            with connection.cursor() as cursor:
-                cursor.execute("SELECT pg_backend_pid()")
-                cancel_pid.append(cursor.fetchone()[0])
-            cancelled.append(inputs_cancel(inputs=[pipeline_input], actor=None, reason="customer withdrew it", source="cli"))
-        except BaseException as exc:  # surfaced below
-            cancel_errors.append(exc)
-        finally:
-            connection.close()
-
-    operator = threading.Thread(target=operator_cancel, daemon=True)
+    claim = ClaimPausedAfterItsStepLock(monkeypatch, step_run.pk)
+    operator = OperatorThread(lambda: inputs_cancel(inputs=[pipeline_input], actor=None, reason="customer withdrew it", source="cli"))
     operator.start()
-    wait_for(lambda: bool(cancel_pid) and _waits_on_a_lock(cancel_pid[0]), timeout=60, message="the cancel waiting on a row lock")
-    go_on.set()
-    operator.join(60)
+    wait_for(operator.waits_on_a_lock, timeout=60, message="the cancel waiting on a row lock")
+    claim.go_on()
+    cancelled = operator.finish()  # no "deadlock detected"
     gate.set()
-    outcome = worker.result(60)
 
-    assert not operator.is_alive() and not cancel_errors, cancel_errors  # no "deadlock detected"
-    assert cancelled[0].done == 1
-    assert outcome == Outcome.FENCED  # the claim won the step, the cancel fenced its attempt
+    assert cancelled.done == 1
+    assert claim.worker.result(60) == Outcome.FENCED  # the claim won the step, the cancel fenced its attempt
     assert calls == [1]
     pipeline_input.refresh_from_db()
     step_run.refresh_from_db()
@@ -309,52 +335,15 @@ def test_operator_retry_and_claiming_worker_both_finish_when_lined_up(test_steps
     first.start()
     assert first.result(60) == Outcome.RETRY_SCHEDULED  # attempt 1 failed; the step waits for its retry
 
-    steps_locked, go_on = threading.Event(), threading.Event()
-    real_lock = step_services.step_rows_lock
-    claimer: list[threading.Thread] = []
-    claimer_calls: list[int] = []
-
-    def lock_then_pause(*, step_run_ids, input_id=None):
-        if threading.current_thread() is claimer[0]:
-            claimer_calls.append(1)
-        # The claim's first transaction tries to insert the key, conflicts with the existing
-        # record and rolls back; its second (the locked path) holds the step while it decides.
-        if threading.current_thread() is not claimer[0] or len(claimer_calls) != 2 or go_on.is_set():
-            return real_lock(step_run_ids=step_run_ids, input_id=input_id)
-        real_lock(step_run_ids=step_run_ids)
-        steps_locked.set()
-        assert go_on.wait(60), "the test never let the claim go on"
-        real_lock(step_run_ids=[], input_id=input_id)
-
-    monkeypatch.setattr(step_services, "step_rows_lock", lock_then_pause)
-    worker = StepThread(step_run.pk)
-    claimer.append(worker)
-    worker.start()
-    assert steps_locked.wait(60), "the claim never locked its step"
-
-    operator_pid: list[int] = []
-    reports, errors = [], []
-
-    def operator_retry():
-        try:
-            with connection.cursor() as cursor:
-                cursor.execute("SELECT pg_backend_pid()")
-                operator_pid.append(cursor.fetchone()[0])
-            reports.append(step_runs_retry(step_runs=[step_run], actor=None, reason="the provider is back", source="cli"))
-        except BaseException as exc:  # surfaced below
-            errors.append(exc)
-        finally:
-            connection.close()
-
-    operator = threading.Thread(target=operator_retry, daemon=True)
+    claim = ClaimPausedAfterItsStepLock(monkeypatch, step_run.pk, on_call=2)
+    operator = OperatorThread(lambda: step_runs_retry(step_runs=[step_run], actor=None, reason="the provider is back", source="cli"))
     operator.start()
-    wait_for(lambda: bool(operator_pid) and _waits_on_a_lock(operator_pid[0]), timeout=60, message="the retry waiting on a row lock")
-    go_on.set()
-    operator.join(60)
+    wait_for(operator.waits_on_a_lock, timeout=60, message="the retry waiting on a row lock")
+    claim.go_on()
+    report = operator.finish()  # no "deadlock detected"
 
-    assert not operator.is_alive() and not errors, errors
-    assert worker.result(60) == Outcome.SUCCEEDED
-    assert reports[0].done == 0 and reports[0].skipped_total == 1  # it found the step running, or done
+    assert claim.worker.result(60) == Outcome.SUCCEEDED
+    assert report.done == 0 and report.skipped_total == 1  # it found the step running, or done
     assert calls == [1, 2]
     step_run.refresh_from_db()
     assert step_run.status == StepStatus.SUCCEEDED
