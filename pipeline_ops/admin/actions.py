@@ -3,7 +3,7 @@ confirmation page that lists what will and will not happen and asks for a reason
 per object acted on, and one counted message. The rules live in ``services.operations``."""
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 from django import forms
 from django.contrib import messages
@@ -15,7 +15,7 @@ from django.urls import reverse
 from django.utils.html import format_html
 
 from ..services import bulk
-from ..services.operations import ActionReport, Decision
+from ..services.operations import ActionReport, Decision, _pks
 
 # A confirmation page lists this many decisions in full; the rest are summarised by count.
 CONFIRMATION_LIST_LIMIT = 200
@@ -43,37 +43,37 @@ def confirm_then_run(
     run: Callable[[str], ActionReport],
     will: dict[str, str] | None = None,
     danger: bool = False,
-    background_action: str | None = None,
+    background: tuple[str, str, Callable[[], Iterable]] | None = None,
 ):
     """First POST (from the action menu) or GET (a row's button): show the plan and ask for a
     reason. Second POST (``post=yes`` with a reason): run the service, log each object acted on,
     one message. ``will`` maps a decision's kind to what the action will do to such a target
-    (the decision's own reason says what the target is now). With ``background_action`` (an
-    ``OperatorAction.Action``), more than ``PIPELINE_OPS_BULK_THRESHOLD`` targets are not worked
-    through in the request: the planned targets go to ``services.bulk`` and the operator is taken
-    to the background action's page, which shows its progress and summary."""
+    (the decision's own reason says what the target is now). With ``background`` (the
+    ``OperatorAction.Action``, the target type and a function giving the targets), more than
+    ``PIPELINE_OPS_BULK_THRESHOLD`` targets are not worked through, nor planned again, in the
+    request: they go to ``services.bulk``, whose slices decide each target under its locks, and
+    the operator is taken to the background action's page (progress, summary, audit rows)."""
     will = will or {}
     form = ReasonForm(request.POST if request.POST.get("post") == "yes" else None)
     if request.POST.get("post") == "yes" and form.is_valid():
         reason = form.cleaned_data["reason"]
-        planned = plan()
-        acting_count = sum(1 for d in planned if d.acts)
-        if not acting_count:
+        if background is not None:
+            action, target_type, targets = background
+            target_ids = _pks(targets())
+            if bulk.bulk_wanted(len(target_ids)):
+                started = bulk.bulk_start(action=action, target_type=target_type, target_ids=target_ids,
+                                          actor=request.user, reason=reason, source="admin")
+                url = reverse("admin:pipeline_ops_bulkaction_change", args=[started.pk])
+                modeladmin.message_user(request, format_html(
+                    '{}: {} {}s are being worked through in the background: <a href="{}">follow its progress</a>.',
+                    title, len(target_ids), target_type.replace("_", " "), url,
+                ), messages.SUCCESS)
+                return HttpResponseRedirect(url)
+        if not any(d.acts for d in plan()):
             # Nothing to do (the button was disabled; a crafted or stale POST): write nothing,
             # not even skipped audit rows, and say so.
             modeladmin.message_user(request, f"{title}: nothing to do, every selected item is skipped; nothing was written.", messages.WARNING)
             return None
-        if background_action is not None and bulk.bulk_wanted(len(planned)):
-            started = bulk.bulk_start(
-                action=background_action, target_type=planned[0].target_type, target_ids=[d.target_id for d in planned],
-                actor=request.user, reason=reason, source="admin",
-            )
-            url = reverse("admin:pipeline_ops_bulkaction_change", args=[started.pk])
-            modeladmin.message_user(request, format_html(
-                '{}: {} targets ({} to act on) are being worked through in the background: <a href="{}">follow its progress</a>.',
-                title, len(planned), acting_count, url,
-            ), messages.SUCCESS)
-            return HttpResponseRedirect(url)
         report = run(reason)
         for decision in report.decisions:
             if decision.acts:

@@ -328,7 +328,7 @@ class PipelineInputAdmin(LiveListMixin, PermissionMixin, ReadOnlyMixin, admin.Mo
     @admin.action(permissions=["retry"], description="Retry safely (failed and stuck steps; completed ones are skipped)")
     def retry_inputs(self, request, queryset):
         return confirm_then_run(
-            self, request, queryset, action_name="retry_inputs", background_action=OperatorAction.Action.RETRY, title="Retry safely",
+            self, request, queryset, action_name="retry_inputs", background=(OperatorAction.Action.RETRY, "input", lambda: queryset), title="Retry safely",
             intro="Failed, waiting and stuck steps of the selected inputs are queued again. Completed steps, running "
                   "steps (a live lease) and cancelled inputs are skipped.",
             button="Retry", will=RETRY_WILL,
@@ -339,7 +339,7 @@ class PipelineInputAdmin(LiveListMixin, PermissionMixin, ReadOnlyMixin, admin.Mo
     @admin.action(permissions=["force_retry"], description="Forced retry (also fences running attempts)")
     def force_retry_inputs(self, request, queryset):
         return confirm_then_run(
-            self, request, queryset, action_name="force_retry_inputs", background_action=OperatorAction.Action.FORCE_RETRY, title="Forced retry", danger=True,
+            self, request, queryset, action_name="force_retry_inputs", background=(OperatorAction.Action.FORCE_RETRY, "input", lambda: queryset), title="Forced retry", danger=True,
             intro="As a safe retry, but a step whose attempt holds a live lease is taken away from it: that attempt is "
                   "fenced (its late result will be refused) and a new attempt is queued.",
             button="Force the retry", will=RETRY_WILL,
@@ -350,7 +350,7 @@ class PipelineInputAdmin(LiveListMixin, PermissionMixin, ReadOnlyMixin, admin.Mo
     @admin.action(permissions=["cancel"], description="Cancel inputs (pending steps stop, running ones are fenced)")
     def cancel_inputs(self, request, queryset):
         return confirm_then_run(
-            self, request, queryset, action_name="cancel_inputs", background_action=OperatorAction.Action.CANCEL, title="Cancel inputs", danger=True,
+            self, request, queryset, action_name="cancel_inputs", background=(OperatorAction.Action.CANCEL, "input", lambda: queryset), title="Cancel inputs", danger=True,
             intro="Pending and queued steps are cancelled; a running step's key is released so its attempt is fenced "
                   "if it finishes. Finished inputs are skipped.",
             button="Cancel the inputs", will=CANCEL_WILL,
@@ -388,7 +388,7 @@ class StepRunActionsMixin(PermissionMixin):
     def retry_steps(self, request, queryset):
         steps = self.step_runs_of(queryset)
         return confirm_then_run(
-            self, request, queryset, action_name="retry_steps", background_action=OperatorAction.Action.RETRY, title="Retry safely",
+            self, request, queryset, action_name="retry_steps", background=(OperatorAction.Action.RETRY, "step_run", lambda: steps), title="Retry safely",
             intro="Failed, waiting and stuck steps are queued again. Completed, running, cancelled, discarded and not yet "
                   "started steps are skipped." + _spread_text(),
             button="Retry", will=RETRY_WILL,
@@ -400,7 +400,7 @@ class StepRunActionsMixin(PermissionMixin):
     def force_retry_steps(self, request, queryset):
         steps = self.step_runs_of(queryset)
         return confirm_then_run(
-            self, request, queryset, action_name="force_retry_steps", background_action=OperatorAction.Action.FORCE_RETRY, title="Forced retry", danger=True,
+            self, request, queryset, action_name="force_retry_steps", background=(OperatorAction.Action.FORCE_RETRY, "step_run", lambda: steps), title="Forced retry", danger=True,
             intro="As a safe retry, but a step whose attempt holds a live lease is taken away from it: that attempt "
                   "is fenced (its late result will be refused) and a new attempt is queued." + _spread_text(),
             button="Force the retry", will=RETRY_WILL,
@@ -412,7 +412,7 @@ class StepRunActionsMixin(PermissionMixin):
     def release_leases(self, request, queryset):
         steps = self.step_runs_of(queryset)
         return confirm_then_run(
-            self, request, queryset, action_name="release_leases", background_action=OperatorAction.Action.RELEASE_LEASE, title="Release stuck leases", danger=True,
+            self, request, queryset, action_name="release_leases", background=(OperatorAction.Action.RELEASE_LEASE, "step_run", lambda: steps), title="Release stuck leases", danger=True,
             intro="Keys whose lease expired are taken from their stuck attempt (it is fenced if it ever finishes) and the "
                   "step waits for the reconciler's next pass. Live leases are refused: use a forced retry.",
             button="Release", will=RELEASE_WILL,
@@ -424,7 +424,7 @@ class StepRunActionsMixin(PermissionMixin):
     def discard_steps(self, request, queryset):
         steps = self.step_runs_of(queryset)
         return confirm_then_run(
-            self, request, queryset, action_name="discard_steps", background_action=OperatorAction.Action.DISCARD, title="Discard dead steps", danger=True,
+            self, request, queryset, action_name="discard_steps", background=(OperatorAction.Action.DISCARD, "step_run", lambda: steps), title="Discard dead steps", danger=True,
             intro="Steps that failed for good are given up on: each becomes DISCARDED, leaves the Dead page and is never "
                   "retried; its input stays failed. Any other step is skipped.",
             button="Discard", will=DISCARD_WILL,
