@@ -39,14 +39,15 @@ def confirm_then_run(
     title: str,
     intro: str,
     button: str,
-    plan: Callable[[], list[Decision]],
+    plan: Callable[..., list[Decision]],
     run: Callable[[str], ActionReport],
     will: dict[str, str] | None = None,
     danger: bool = False,
     background: tuple[str, str, Callable[[], Iterable]] | None = None,
 ):
     """First POST (from the action menu) or GET (a row's button): show the plan and ask for a
-    reason. Second POST (``post=yes`` with a reason): run the service, log each object acted on,
+    reason. ``plan()`` decides the whole selection, ``plan(ids)`` only those targets. Second POST
+    (``post=yes`` with a reason): run the service, log each object acted on,
     one message. ``will`` maps a decision's kind to what the action will do to such a target
     (the decision's own reason says what the target is now). With ``background`` (the
     ``OperatorAction.Action``, the target type and a function giving the targets), more than
@@ -81,7 +82,16 @@ def confirm_then_run(
         modeladmin.message_user(request, report.message, messages.SUCCESS if report.done else messages.WARNING)
         return None  # back to the change list, like delete_selected
 
-    decisions = plan()
+    background_total = None
+    if background is not None:
+        target_ids = _pks(background[2]())
+        if bulk.bulk_wanted(len(target_ids)):
+            # Too many to decide in a page (seconds at 10,000): the page shows what would happen
+            # to the first few now; the background action decides each when its turn comes.
+            background_total = len(target_ids)
+            decisions = plan(target_ids[:CONFIRMATION_LIST_LIMIT])
+    if background_total is None:
+        decisions = plan()
     acting = [d for d in decisions if d.acts]
     skipping = [d for d in decisions if not d.acts]
     select_across = request.POST.get("select_across") == "1"
@@ -104,6 +114,7 @@ def confirm_then_run(
         "acting_count": len(acting),
         "skipping_count": len(skipping),
         "list_limit": CONFIRMATION_LIST_LIMIT,
+        "background_total": background_total,
         "form": form,
         "media": modeladmin.media,
     }

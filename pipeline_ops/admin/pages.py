@@ -332,7 +332,7 @@ class PipelineInputAdmin(LiveListMixin, PermissionMixin, ReadOnlyMixin, admin.Mo
             intro="Failed, waiting and stuck steps of the selected inputs are queued again. Completed steps, running "
                   "steps (a live lease) and cancelled inputs are skipped.",
             button="Retry", will=RETRY_WILL,
-            plan=lambda: operations.inputs_retry_plan(inputs=queryset),
+            plan=lambda targets=queryset: operations.inputs_retry_plan(inputs=targets),
             run=lambda reason: operations.inputs_retry(inputs=queryset, actor=request.user, reason=reason, source="admin"),
         )
 
@@ -343,7 +343,7 @@ class PipelineInputAdmin(LiveListMixin, PermissionMixin, ReadOnlyMixin, admin.Mo
             intro="As a safe retry, but a step whose attempt holds a live lease is taken away from it: that attempt is "
                   "fenced (its late result will be refused) and a new attempt is queued.",
             button="Force the retry", will=RETRY_WILL,
-            plan=lambda: operations.inputs_retry_plan(inputs=queryset, force=True),
+            plan=lambda targets=queryset: operations.inputs_retry_plan(inputs=targets, force=True),
             run=lambda reason: operations.inputs_retry(inputs=queryset, actor=request.user, reason=reason, source="admin", force=True),
         )
 
@@ -354,7 +354,7 @@ class PipelineInputAdmin(LiveListMixin, PermissionMixin, ReadOnlyMixin, admin.Mo
             intro="Pending and queued steps are cancelled; a running step's key is released so its attempt is fenced "
                   "if it finishes. Finished inputs are skipped.",
             button="Cancel the inputs", will=CANCEL_WILL,
-            plan=lambda: operations.inputs_cancel_plan(inputs=queryset),
+            plan=lambda targets=queryset: operations.inputs_cancel_plan(inputs=targets),
             run=lambda reason: operations.inputs_cancel(inputs=queryset, actor=request.user, reason=reason, source="admin"),
         )
 
@@ -392,7 +392,7 @@ class StepRunActionsMixin(PermissionMixin):
             intro="Failed, waiting and stuck steps are queued again. Completed, running, cancelled, discarded and not yet "
                   "started steps are skipped." + _spread_text(),
             button="Retry", will=RETRY_WILL,
-            plan=lambda: operations.step_runs_retry_plan(step_runs=steps),
+            plan=lambda targets=steps: operations.step_runs_retry_plan(step_runs=targets),
             run=lambda reason: operations.step_runs_retry(step_runs=steps, actor=request.user, reason=reason, source="admin"),
         )
 
@@ -404,7 +404,7 @@ class StepRunActionsMixin(PermissionMixin):
             intro="As a safe retry, but a step whose attempt holds a live lease is taken away from it: that attempt "
                   "is fenced (its late result will be refused) and a new attempt is queued." + _spread_text(),
             button="Force the retry", will=RETRY_WILL,
-            plan=lambda: operations.step_runs_retry_plan(step_runs=steps, force=True),
+            plan=lambda targets=steps: operations.step_runs_retry_plan(step_runs=targets, force=True),
             run=lambda reason: operations.step_runs_retry(step_runs=steps, actor=request.user, reason=reason, source="admin", force=True),
         )
 
@@ -416,7 +416,7 @@ class StepRunActionsMixin(PermissionMixin):
             intro="Keys whose lease expired are taken from their stuck attempt (it is fenced if it ever finishes) and the "
                   "step waits for the reconciler's next pass. Live leases are refused: use a forced retry.",
             button="Release", will=RELEASE_WILL,
-            plan=lambda: operations.step_runs_release_lease_plan(step_runs=steps),
+            plan=lambda targets=steps: operations.step_runs_release_lease_plan(step_runs=targets),
             run=lambda reason: operations.step_runs_release_lease(step_runs=steps, actor=request.user, reason=reason, source="admin"),
         )
 
@@ -428,7 +428,7 @@ class StepRunActionsMixin(PermissionMixin):
             intro="Steps that failed for good are given up on: each becomes DISCARDED, leaves the Dead page and is never "
                   "retried; its input stays failed. Any other step is skipped.",
             button="Discard", will=DISCARD_WILL,
-            plan=lambda: discard.step_runs_discard_plan(step_runs=steps),
+            plan=lambda targets=steps: discard.step_runs_discard_plan(step_runs=targets),
             run=lambda reason: discard.step_runs_discard(step_runs=steps, actor=request.user, reason=reason, source="admin"),
         )
 

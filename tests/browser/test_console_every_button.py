@@ -249,6 +249,9 @@ def test_retry_of_more_than_the_threshold_runs_in_the_background_and_its_page_fo
     page.check("#action-toggle")
     page.select_option("select[name=action]", "retry_inputs")
     page.click("button[name=index]")
+    page.wait_for_selector("#background-note")
+    assert "4 selected: this runs in the background" in page.inner_text("#background-note")
+    assert page.get_attribute("#confirm-action", "value") == "Retry (4, in the background)"
     message = confirm(page, "provider back, INC-40")
 
     assert "in the background" in message and "0 of 4" in page.inner_text("#content")
