@@ -1,14 +1,13 @@
 #!/usr/bin/env python
 """Django's command-line utility for pipeline-ops."""
 import os
-import sys
 
 
 def main() -> None:
     os.environ.setdefault("DJANGO_SETTINGS_MODULE", "pipeline_ops.settings")
-    from django.core.management import execute_from_command_line
+    from pipeline_ops.cli import main as command_line
 
-    execute_from_command_line(sys.argv)
+    command_line()
 
 
 if __name__ == "__main__":

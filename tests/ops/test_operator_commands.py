@@ -175,6 +175,11 @@ def test_pipeline_status_json_equals_the_database_when_steps_ran_and_failed(worl
         assert row["failed"] == runs.filter(status=StepStatus.FAILED).count()
         assert row["active"] == runs.filter(status__in=[StepStatus.QUEUED, StepStatus.RUNNING, StepStatus.RETRY_WAIT]).count()
     assert by_step["preprocess"]["failure_rate"] == 0.0 and by_step["ops_boom"]["failure_rate"] == 1.0
+    for step, row in by_step.items():  # by attempts, counted here from the attempts table itself
+        attempts = Attempt.objects.filter(record__scope="step", record__operation=f"step:{step}")
+        failed = attempts.filter(status__in=[AttemptStatus.FAILED, AttemptStatus.UNKNOWN, AttemptStatus.TIMED_OUT]).count()
+        assert (row["attempts"], row["attempts_failed"]) == (attempts.count(), failed)
+        assert row["attempt_failure_rate"] == (round(failed / attempts.count(), 4) if attempts.count() else None)
     assert status["attempts"] == {s: Attempt.objects.filter(status=s).count() for s in AttemptStatus.values}
     assert status["unknown_outcomes"] == Attempt.objects.filter(status=AttemptStatus.UNKNOWN).count()
     assert status["fenced_late_writes"] == Attempt.objects.filter(status=AttemptStatus.FENCED).count() == 1

@@ -51,7 +51,11 @@ class Command(BaseCommand):
             "inputs_last_hour": inputs_count_by_status(since=now - timedelta(hours=1)),
             "steps": [
                 {"step": r.step, "succeeded": r.succeeded, "failed": r.failed, "active": r.active,
-                 "failure_rate": None if r.rate is None else round(r.rate, 4)}
+                 "failure_rate": None if r.rate is None else round(r.rate, 4),
+                 # By attempts, as the dashboard counts it: a step that failed 79 times and then
+                 # succeeded is not a 0 % step.
+                 "attempts": r.attempts, "attempts_failed": r.attempts_failed,
+                 "attempt_failure_rate": None if r.attempt_rate is None else round(r.attempt_rate, 4)}
                 for r in step_failure_rates()
             ],
             "attempts": attempts,
@@ -80,10 +84,12 @@ class Command(BaseCommand):
         write(f"pipeline status at {s['time']}")
         write("inputs     " + "  ".join(f"{k.lower()} {v}" for k, v in s["inputs"].items())
               + f"   (last hour: {sum(s['inputs_last_hour'].values())})")
-        write("steps      step             succeeded   failed   active   failure rate")
+        write("steps      step             succeeded   failed   active   failure rate   attempts  failed  by attempts")
         for r in s["steps"]:
             rate = "-" if r["failure_rate"] is None else f"{r['failure_rate']:.1%}"
-            write(f"           {r['step']:<16} {r['succeeded']:>9} {r['failed']:>8} {r['active']:>8}   {rate:>12}")
+            by_attempts = "-" if r["attempt_failure_rate"] is None else f"{r['attempt_failure_rate']:.1%}"
+            write(f"           {r['step']:<16} {r['succeeded']:>9} {r['failed']:>8} {r['active']:>8}   {rate:>12}"
+                  f"   {r['attempts']:>8} {r['attempts_failed']:>7}  {by_attempts:>11}")
         write("attempts   " + "  ".join(f"{k.lower()} {v}" for k, v in s["attempts"].items()))
         write(f"unknown outcomes {s['unknown_outcomes']}   fenced late writes (duplicates prevented) {s['fenced_late_writes']}")
         leases = s["leases"]
