@@ -92,5 +92,9 @@ def render(summaries: list[dict]) -> str:
     first = summaries[0]
     lines.append(f"queue messages left: {_cell(first, 'queue_messages_left')}")
     lines.append(f"deliveries per step: {first.get('deliveries_per_step', '-')}")
+    queue = first.get("queue") or {}
+    if queue:
+        lines.append(f"queue peak: {queue['peak']} messages ({queue['queued_steps_at_peak']} steps QUEUED then); "
+                     f"worst queue/QUEUED: {queue['worst_ratio']}")
     lines.extend(final_lines(first))
     return "\n".join(lines)

@@ -182,6 +182,31 @@ def _queue_left(broker, kind: str) -> int:
     return OrmQ.objects.filter(key=broker.list_key).count()  # locked (taken, not acked) rows too
 
 
+class _QueueWatch:
+    """The queue's length against the QUEUED steps, once a second during the run: a reconciler
+    that re-sends messages that were only waiting shows as a queue far longer than the work."""
+
+    def __init__(self, broker, kind: str, steps):
+        self.broker, self.kind, self.steps = broker, kind, steps
+        self.peak, self.queued_at_peak, self.worst_ratio, self._last = 0, 0, 0.0, 0.0
+
+    def sample(self) -> None:
+        if time.monotonic() - self._last < 1.0:
+            return
+        self._last = time.monotonic()
+        from pipeline_ops.states import StepStatus
+
+        length = _queue_left(self.broker, self.kind)
+        queued = self.steps.filter(status=StepStatus.QUEUED).count()
+        if length > self.peak:
+            self.peak, self.queued_at_peak = length, queued
+        if length > 10:  # a handful of messages over an empty step table is no flood
+            self.worst_ratio = max(self.worst_ratio, length / max(1, queued))
+
+    def as_dict(self) -> dict:
+        return {"peak": self.peak, "queued_steps_at_peak": self.queued_at_peak, "worst_ratio": round(self.worst_ratio, 2)}
+
+
 def _start_model_server(cfg: ChaosConfig):
     from pipeline_ops.model_server import ModelServer
 
@@ -313,6 +338,7 @@ def run_guarded(cfg: ChaosConfig) -> dict:
     terminator: BackendTerminator | None = None
     db_faults: dict = {}
     queue_left = None
+    queue_watch: _QueueWatch | None = None
     started = time.monotonic()
     reconciler_runs = 0
     timed_out = False
@@ -330,6 +356,7 @@ def run_guarded(cfg: ChaosConfig) -> dict:
             steps = StepRun.objects.filter(input__submission_scope=scope)
             total_steps = steps.count()
             last_reconcile = 0.0
+            queue_watch = _QueueWatch(broker, cfg.broker, steps)
             worker_kill_at = rng.uniform(0.15, 0.35)
             cluster_kill_at = rng.uniform(0.4, 0.6)
             while True:
@@ -339,6 +366,7 @@ def run_guarded(cfg: ChaosConfig) -> dict:
                 open_inputs = inputs.exclude(status__in=INPUT_TERMINAL).count()
                 if cfg.progress:
                     cfg.progress(done_steps, total_steps, f"guarded {cfg.broker}: {cfg.inputs - open_inputs}/{cfg.inputs} inputs")
+                queue_watch.sample()
                 if open_inputs == 0 and (not cfg.late_writes or late.settled(scope=scope)):
                     break
                 if time.monotonic() - started > cfg.timeout:
@@ -384,7 +412,7 @@ def run_guarded(cfg: ChaosConfig) -> dict:
         faults={**served["injected"], **dict(faults.counts), "late_writes_delivered": late.delivered,
                 **db_faults, "killed_tasks": faults.killed_tasks},
         db_faults=cfg.db_faults, lock_timeout_ms=cfg.lock_timeout_ms if cfg.db_faults else None,
-        queue_messages_left=queue_left, effects_log=str(effects_log),
+        queue_messages_left=queue_left, queue=queue_watch.as_dict() if queue_watch else {}, effects_log=str(effects_log),
         late_writes_fenced=late.fenced, late_writes_accepted=late.accepted,
         # A late answer is handed to an UNKNOWN attempt, which then ends FENCED: count it once.
         unknown_outcomes=summary["unknown_outcomes"] + late.delivered,

@@ -150,12 +150,14 @@ def test_report_ends_with_the_four_lines_when_rendered():
         "mode": "guarded", "database": "postgresql", "broker": "orm", "duplicates": 2, "lost": 1,
         "failed_by_infrastructure": 3, "effects_max": 2, "queue_messages_left": 0, "deliveries_per_step": 1.2,
         "effects": {"distribution": {"1": 9, "2": 2}}, "integrity": {"ok": True},
+        "queue": {"peak": 14, "queued_steps_at_peak": 9, "worst_ratio": 1.56},
     }
     text = render([summary])
     assert text.splitlines()[-4:] == final_lines(summary) == [
         "duplicates: 2", "lost: 1", "failed by infrastructure: 3", "effects per key: max 2",
     ]
     assert "queue messages left: 0" in text and "deliveries per step: 1.2" in text
+    assert "queue peak: 14 messages (9 steps QUEUED then); worst queue/QUEUED: 1.56" in text
 
 
 def test_db_faults_refused_in_one_line_when_the_database_is_sqlite(tmp_path):
