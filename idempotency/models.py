@@ -163,3 +163,20 @@ class Attempt(models.Model):
         if self.finished_at is None:
             return None
         return (self.finished_at - self.started_at).total_seconds()
+
+
+class PurgedTally(models.Model):
+    """What the retention purge deleted, added up, so that counters read from the log (fenced
+    writes, replays) never go backwards when old records go: a counter is the log's count plus
+    its tally. One row per (what, label); the purge adds to it in the transaction of its delete."""
+
+    name = models.CharField(max_length=50, help_text="What was counted: 'attempts' (label: status) or 'replays' (label: scope).")
+    label = models.CharField(max_length=100, help_text="The status or scope the count is of.")
+    value = models.BigIntegerField(default=0, help_text="How many were purged, in all.")
+
+    class Meta:
+        verbose_name = "purged tally"
+        constraints = [models.UniqueConstraint(fields=["name", "label"], name="idempotency_purged_tally_uniq")]
+
+    def __str__(self) -> str:
+        return f"{self.name}[{self.label}] = {self.value}"

@@ -6,11 +6,11 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
 from django.db import transaction
-from django.db.models import Q
+from django.db.models import Count, F, Q, Sum
 
 from . import conf
 from .clock import db_now
-from .models import IdempotencyRecord
+from .models import Attempt, IdempotencyRecord, PurgedTally
 from .states import RecordStatus
 
 
@@ -70,12 +70,33 @@ def records_purge(
             ids = list(records_purgeable(now=now, older_than_hours=older_than_hours).values_list("pk", flat=True)[:size])
             if not ids:
                 break
-            # The whole rule again inside the delete (PostgreSQL re-checks it on a row changed
+            # The whole rule again, under the rows' locks (PostgreSQL re-checks it on a row changed
             # meanwhile): a record claimed, released or reopened since the select survives.
-            deleted = records_purgeable(now=now, older_than_hours=older_than_hours).filter(pk__in=ids).delete()[1].get(
-                IdempotencyRecord._meta.label, 0
-            )
+            ids = list(records_purgeable(now=now, older_than_hours=older_than_hours).filter(pk__in=ids)
+                       .select_for_update().values_list("pk", flat=True))
+            _tally_add(ids)
+            deleted = IdempotencyRecord.objects.filter(pk__in=ids).delete()[1].get(IdempotencyRecord._meta.label, 0)
         report.deleted += deleted
         if on_batch:
             on_batch(deleted)
     return report
+
+
+def _tally_add(record_ids: list) -> None:
+    """Add what is about to be deleted to ``PurgedTally``: attempts by status, replays by scope."""
+    if not record_ids:
+        return
+    counts = [("attempts", status, n) for status, n in
+              Attempt.objects.filter(record_id__in=record_ids).order_by().values_list("status").annotate(n=Count("pk"))]
+    counts += [("replays", scope, n or 0) for scope, n in
+               IdempotencyRecord.objects.filter(pk__in=record_ids).order_by().values_list("scope").annotate(n=Sum("replay_count"))]
+    for name, label, n in counts:
+        PurgedTally.objects.get_or_create(name=name, label=label)  # a label seen once stays, even at 0
+        if n:
+            PurgedTally.objects.filter(name=name, label=label).update(value=F("value") + n)
+
+
+def purged_totals(name: str) -> dict[str, int]:
+    """What the purge deleted, in all, by label: ``purged_totals("attempts")`` by status,
+    ``purged_totals("replays")`` by scope. Add it to the log's own counts for a counter."""
+    return dict(PurgedTally.objects.filter(name=name).values_list("label", "value"))

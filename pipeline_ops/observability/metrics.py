@@ -108,10 +108,14 @@ class DatabaseCollector(Collector):
             family.add_metric([status], n)
         yield family
 
+        # Counters are the log's count plus what the retention purge deleted (idempotency's
+        # PurgedTally): they never go backwards when old records go.
+        from idempotency.purge import purged_totals
+
         yield CounterMetricFamily(
             f"{PREFIX}_fenced_late_writes",
             "Attempts that finished after losing their key: their write was refused (duplicates prevented).",
-            value=attempts.get(AttemptStatus.FENCED, 0),
+            value=attempts.get(AttemptStatus.FENCED, 0) + purged_totals("attempts").get(AttemptStatus.FENCED, 0),
         )
 
         replays = CounterMetricFamily(
@@ -120,7 +124,8 @@ class DatabaseCollector(Collector):
             labels=["scope"],
         )
         by_kind: dict[str, int] = {}
-        for scope, n in IdempotencyRecord.objects.order_by().values_list("scope").annotate(n=Sum("replay_count")).values_list("scope", "n"):
+        live = IdempotencyRecord.objects.order_by().values_list("scope").annotate(n=Sum("replay_count")).values_list("scope", "n")
+        for scope, n in [*live, *purged_totals("replays").items()]:
             kind = scope.split(":", 1)[0] or "default"
             by_kind[kind] = by_kind.get(kind, 0) + (n or 0)
         for kind, n in sorted(by_kind.items()):

@@ -99,6 +99,29 @@ def test_metrics_match_the_database_when_steps_ran_failed_and_were_fenced(client
     assert samples["pipeline_ops_processing_keys"][()] == IdempotencyRecord.objects.filter(status=RecordStatus.PROCESSING).count()
 
 
+def test_counters_never_go_backwards_when_the_purge_deletes_old_records(client, world):
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    from idempotency.purge import records_purge
+
+    before = scrape(client)
+    records = IdempotencyRecord.objects.count()
+
+    report = records_purge(now=timezone.now() + timedelta(days=30))
+
+    assert report.deleted > 0 and IdempotencyRecord.objects.count() == records - report.deleted
+    assert not Attempt.objects.filter(status=AttemptStatus.FENCED).exists()  # the fenced attempt's key went too
+    after = scrape(client)
+    for name in ("pipeline_ops_fenced_late_writes_total", "pipeline_ops_idempotent_replays_total"):
+        assert after[name] == before[name], name
+    assert after["pipeline_ops_fenced_late_writes_total"][()] == 1
+    # A second purge with nothing left to delete adds nothing.
+    records_purge(now=timezone.now() + timedelta(days=30))
+    assert scrape(client)["pipeline_ops_fenced_late_writes_total"][()] == 1
+
+
 def test_latency_histogram_counts_every_finished_step_attempt_when_scraped(client, world):
     samples = scrape(client)
 
