@@ -149,6 +149,23 @@ def counted_step(test_steps, pipeline):
     return make
 
 
+@pytest.fixture
+def fails_first_step(test_steps, pipeline):
+    """A one-step pipeline whose attempt #1 fails transiently and #2 succeeds; calls counted in
+    the test's memory."""
+    calls: list[int] = []
+
+    def fails_first(ctx):
+        calls.append(ctx.attempt_number)
+        if ctx.attempt_number == 1:
+            raise TransientStepError("503 from the model")
+        return {"attempt": ctx.attempt_number}
+
+    test_steps("fails_first", fails_first, max_attempts=3)
+    pipeline_input = input_submit(pipeline=pipeline("fails_first_pipe", ["fails_first"]), payload={"text": "x"}, scope="tests").input
+    return pipeline_input, StepRun.objects.get(input=pipeline_input), calls
+
+
 def attempts_of(step_run: StepRun) -> list[Attempt]:
     return list(Attempt.objects.filter(record__scope="step", record__key=step_run.idempotency_key).order_by("number"))
 
@@ -279,22 +296,12 @@ def test_operator_cancel_and_claiming_worker_both_finish_when_lined_up(counted_s
     assert not StepOutput.objects.filter(step_run=step_run).exists()
 
 
-def test_failure_and_the_steps_move_commit_together_when_a_claim_comes_in_between(test_steps, pipeline, barrier):
+def test_failure_and_the_steps_move_commit_together_when_a_claim_comes_in_between(fails_first_step, barrier):
     """The failing worker is parked after the key's FAILED and before its commit; a redelivery
     of the step (retry due at once) comes in then. It waits for the step's row lock instead of
     finding the key FAILED and the step still RUNNING, so the failure's move cannot overwrite
     its RUNNING afterwards (once, that turned its success into a terminal failure)."""
-    calls: list[int] = []
-
-    def fails_first(ctx):
-        calls.append(ctx.attempt_number)
-        if ctx.attempt_number == 1:
-            raise TransientStepError("503 from the model")
-        return {"attempt": ctx.attempt_number}
-
-    test_steps("fails_first", fails_first, max_attempts=3)
-    pipeline_input = input_submit(pipeline=pipeline("fail_pipe", ["fails_first"]), payload={"text": "x"}, scope="tests").input
-    step_run = StepRun.objects.get(input=pipeline_input)
+    pipeline_input, step_run, calls = fails_first_step
     failing = barrier("idempotency_attempt", "UPDATE", "NEW.status = 'FAILED'")
     failing.close_with("wait")
     first = StepThread(step_run.pk)
@@ -316,21 +323,11 @@ def test_failure_and_the_steps_move_commit_together_when_a_claim_comes_in_betwee
     assert integrity_check().ok
 
 
-def test_operator_retry_and_claiming_worker_both_finish_when_lined_up(test_steps, pipeline, monkeypatch):
+def test_operator_retry_and_claiming_worker_both_finish_when_lined_up(fails_first_step, monkeypatch):
     """A step waits for its retry; a worker claims it (paused between the step's lock and the
     rest) while an operator clicks "Retry safely". The operator waits for the step, then sees it
     running and skips it; the worker runs it once. Nobody loses a deadlock."""
-    calls: list[int] = []
-
-    def fails_first(ctx):
-        calls.append(ctx.attempt_number)
-        if ctx.attempt_number == 1:
-            raise TransientStepError("429 from the model")
-        return {"attempt": ctx.attempt_number}
-
-    test_steps("fails_first", fails_first, max_attempts=3)
-    pipeline_input = input_submit(pipeline=pipeline("retry_pipe", ["fails_first"]), payload={"text": "x"}, scope="tests").input
-    step_run = StepRun.objects.get(input=pipeline_input)
+    pipeline_input, step_run, calls = fails_first_step
     first = StepThread(step_run.pk)
     first.start()
     assert first.result(60) == Outcome.RETRY_SCHEDULED  # attempt 1 failed; the step waits for its retry
