@@ -115,7 +115,9 @@ def _finish(bulk: BulkAction, *, start: int, position: int, status: str, message
         counts = dict(OperatorAction.objects.filter(batch=bulk.batch).values_list("outcome").annotate(n=Count("pk")).values_list("outcome", "n"))
         done, skipped = counts.get("done", 0), counts.get("skipped", 0)
         if status == BulkAction.Status.DONE:
-            message = f"{done} done, {skipped} skipped of {bulk.total} {bulk.target_type.replace('_', ' ')}s"
+            # Counted from the audit rows, which are per target the service acts on: a retry of
+            # inputs audits each of their steps, so the selection is named apart.
+            message = f"{done} done, {skipped} skipped ({bulk.total} {bulk.target_type.replace('_', ' ')}s selected)"
         ending = status != BulkAction.Status.RUNNING
         moved = BulkAction.objects.filter(pk=bulk.pk, position=start, status=BulkAction.Status.RUNNING).update(
             position=position, done=done, skipped=skipped, status=status, message=message, updated_at=db_now_expression(),

@@ -73,12 +73,12 @@ def test_retry_of_many_steps_runs_in_the_background_and_its_page_shows_the_summa
 
     started.refresh_from_db()
     assert started.status == BulkAction.Status.DONE and (started.position, started.done, started.skipped) == (5, 5, 0)
-    assert started.message == "5 done, 0 skipped of 5 step runs" and started.finished_at is not None
+    assert started.message == "5 done, 0 skipped (5 step runs selected)" and started.finished_at is not None
     assert set(StepRun.objects.filter(pk__in=[s.pk for s in failed]).values_list("status", flat=True)) == {StepStatus.QUEUED}
     audit = OperatorAction.objects.filter(batch=started.batch)
     assert audit.count() == 5 and set(audit.values_list("actor_name", "outcome")) == {("bea", "done")}
     page = client.get(response["Location"]).content.decode()
-    assert 'http-equiv="refresh"' not in page and "5 of 5" in page and "5 done, 0 skipped of 5 step runs" in page
+    assert 'http-equiv="refresh"' not in page and "5 of 5" in page and "5 done, 0 skipped (5 step runs selected)" in page
     rows = client.get(reverse("admin:pipeline_ops_operatoraction_changelist") + f"?q={started.batch}").content.decode()
     assert rows.count('class="field-target"') == 5
 

@@ -258,7 +258,7 @@ def test_retry_of_more_than_the_threshold_runs_in_the_background_and_its_page_fo
     assert all(status_of(first_step(i)) == StepStatus.FAILED for i in inputs)  # the request acted on nothing
     run_bulk_tasks()  # the workers' part: three slices
     # The page reloads itself while the action runs; it shows the end without a click.
-    page.wait_for_function("document.querySelector('#content').innerText.includes('4 done, 0 skipped of 4 inputs')",
+    page.wait_for_function("document.querySelector('#content').innerText.includes('4 done, 0 skipped (4 inputs selected)')",
                            timeout=30_000)
     assert "4 of 4" in page.inner_text("#content")
     assert all(status_of(first_step(i)) == StepStatus.QUEUED for i in inputs)
