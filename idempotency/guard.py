@@ -246,7 +246,7 @@ def _claim_existing(
     number = record.attempt_count + 1
     IdempotencyRecord.objects.filter(pk=record.pk, attempt_count=record.attempt_count).update(
         status=RecordStatus.PROCESSING, attempt_count=number, lease_expires_at=now + lease,
-        retry_at=None, updated_at=now, expires_at=_kept_until(now),
+        retry_at=None, updated_at=now,
     )
     record.status, record.attempt_count, record.lease_expires_at, record.retry_at = (
         RecordStatus.PROCESSING, number, now + lease, None,
@@ -376,12 +376,10 @@ def fail(
     with transaction.atomic():
         now = now or db_now(model=IdempotencyRecord)
         retry_at = None if delay is None else now + timedelta(seconds=delay)
-        # The history of a failure (and a pending retry) is kept a whole retention past it,
-        # whatever the key's first expiry said: the purge must never take live work.
-        keep_until = {"expires_at": _kept_until(retry_at or now)}
         held = _held_by(attempt).update(
-            status=RecordStatus.FAILED, retry_at=retry_at, lease_expires_at=None,
-            error_summary=summary, updated_at=now, **keep_until,
+            status=RecordStatus.FAILED, retry_at=retry_at, lease_expires_at=None, error_summary=summary, updated_at=now,
+            # A whole retention past the failure (or its retry), whatever the first expiry said.
+            expires_at=_kept_until(retry_at or now),
         )
         _attempt_end(
             attempt_id=attempt.pk, status=status, now=now, error_type=type(error).__name__,
@@ -437,8 +435,9 @@ def _retention() -> timedelta:
 
 
 def _kept_until(moment: datetime):
-    """``expires_at`` for a record that moved at ``moment``: a whole retention past it, never
-    earlier than it already was (every move of live work pushes the purge back, none pulls it in)."""
+    """``expires_at`` for a record that left PROCESSING (or was reopened) at ``moment``: a whole
+    retention past it, never earlier than it was. PROCESSING itself is never purged, so every way
+    out of it (complete, fail, release, dead-letter) and ``reopen`` set it; a takeover need not."""
     return Greatest(F("expires_at"), Value(moment + _retention()))
 
 

@@ -67,13 +67,13 @@ def records_purge(
     while limit is None or report.deleted < limit:
         size = batch_size if limit is None else min(batch_size, limit - report.deleted)
         with transaction.atomic():
-            ids = list(records_purgeable(now=now, older_than_hours=older_than_hours).values_list("pk", flat=True)[:size])
+            # Locked in id order (two purges cannot deadlock); PostgreSQL re-checks the rule on a
+            # row changed while it waited, so a record claimed, released or reopened meanwhile
+            # is not taken.
+            ids = list(records_purgeable(now=now, older_than_hours=older_than_hours).select_for_update()
+                       .order_by("pk").values_list("pk", flat=True)[:size])
             if not ids:
                 break
-            # The whole rule again, under the rows' locks (PostgreSQL re-checks it on a row changed
-            # meanwhile): a record claimed, released or reopened since the select survives.
-            ids = list(records_purgeable(now=now, older_than_hours=older_than_hours).filter(pk__in=ids)
-                       .select_for_update().values_list("pk", flat=True))
             _tally_add(ids)
             deleted = IdempotencyRecord.objects.filter(pk__in=ids).delete()[1].get(IdempotencyRecord._meta.label, 0)
         report.deleted += deleted

@@ -6,6 +6,7 @@ import uuid
 from django.conf import settings
 from django.db import models
 from django.db.models import Q
+from django.db.models.functions import Now
 
 from .states import InputStatus, StepStatus
 
@@ -188,9 +189,6 @@ class OperatorAction(models.Model):
 
     def __str__(self) -> str:
         return f"{self.action} {self.target_type} {self.target_id} by {self.actor_name or '?'}"
-
-
-from django.db.models.functions import Now  # noqa: E402
 
 
 class BulkAction(models.Model):

@@ -68,6 +68,7 @@ class ReconcileReport:
             f"{verb} {self.enqueued} step run(s): {len(self.due_retries)} due retries, "
             f"{len(self.expired_leases)} expired leases, {len(self.lost)} lost messages"
             + (f"; {self.skipped_races} taken by a concurrent reconciler or worker" if self.skipped_races else "")
+            + (f"; {len(self.bulk_actions)} stalled background action(s) re-sent" if self.bulk_actions else "")
         )
 
 
@@ -106,11 +107,21 @@ def _broker_payloads(*, limit: int) -> list | None:
 
         rows = list(OrmQ.objects.using(Conf.ORM).filter(key=Conf.PREFIX).values_list("payload", flat=True)[: limit + 1])
         return None if len(rows) > limit else rows
+    import redis
+
     from .queueing import process_broker
 
     broker = process_broker()
-    payloads = broker.connection.lrange(broker.list_key, 0, limit)  # one round trip; nothing is popped
+    try:
+        payloads = broker.connection.lrange(broker.list_key, 0, limit)  # one round trip; nothing is popped
+    except redis.RedisError as exc:
+        raise QueueUnreadable(f"{type(exc).__name__}: {exc}") from exc
     return None if len(payloads) > limit else payloads
+
+
+class QueueUnreadable(Exception):
+    """The broker could not be read (Redis down or unreachable): whether a message is lost
+    cannot be told, so the lost check waits for a pass that can read it."""
 
 
 def _requeue(*, step_run: dict, now: datetime, dry_run: bool) -> bool:
@@ -174,7 +185,14 @@ def reconcile_once(
         .order_by("enqueued_at").values(*fields)[:limit]
     )
     if candidates:
-        on_queue = queued_step_run_ids()
+        try:
+            on_queue = queued_step_run_ids()
+        except QueueUnreadable as exc:
+            # Judging by age alone now would re-send every waiting message once the broker is
+            # back: a flood. Nothing is lost by waiting for the next pass.
+            report.notes.append(f"queue unreadable ({exc}): lost messages not judged this pass")
+            candidates = []
+            on_queue = set()
         if on_queue is None:
             report.notes.append("queue too long to inspect: lost messages judged by age alone")
         for row in candidates:
@@ -182,7 +200,7 @@ def reconcile_once(
                 continue  # its task is waiting, prefetched or running: not lost
             _take(report, report.lost, row, now=now, dry_run=dry_run)
     report.bulk_actions = _stalled_bulk_actions_resend(now=now, dry_run=dry_run)
-    if report.enqueued:
+    if report.enqueued or report.bulk_actions:
         log.info("reconciler: %s", report.summary())
     return report
 

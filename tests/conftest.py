@@ -17,3 +17,15 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture
 def db_vendor() -> str:
     return connection.vendor
+
+
+@pytest.fixture(autouse=True)
+def fresh_log_context():
+    """Every test starts with no log fields bound: a test that calls a service directly (not
+    through its isolated task) binds input/step/attempt in the main thread, which a later test
+    of the log lines would otherwise see, depending on the order the files run in."""
+    from pipeline_ops.observability.logging import _context
+
+    token = _context.set({})
+    yield
+    _context.reset(token)

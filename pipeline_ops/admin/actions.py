@@ -55,21 +55,24 @@ def confirm_then_run(
     request: they go to ``services.bulk``, whose slices decide each target under its locks, and
     the operator is taken to the background action's page (progress, summary, audit rows)."""
     will = will or {}
+    # Past the threshold the selection goes to the background, unplanned but for a first look.
+    background_ids = None
+    if background is not None:
+        target_ids = _pks(background[2]())
+        background_ids = target_ids if bulk.bulk_wanted(len(target_ids)) else None
     form = ReasonForm(request.POST if request.POST.get("post") == "yes" else None)
     if request.POST.get("post") == "yes" and form.is_valid():
         reason = form.cleaned_data["reason"]
-        if background is not None:
-            action, target_type, targets = background
-            target_ids = _pks(targets())
-            if bulk.bulk_wanted(len(target_ids)):
-                started = bulk.bulk_start(action=action, target_type=target_type, target_ids=target_ids,
-                                          actor=request.user, reason=reason, source="admin")
-                url = reverse("admin:pipeline_ops_bulkaction_change", args=[started.pk])
-                modeladmin.message_user(request, format_html(
-                    '{}: {} {}s are being worked through in the background: <a href="{}">follow its progress</a>.',
-                    title, len(target_ids), target_type.replace("_", " "), url,
-                ), messages.SUCCESS)
-                return HttpResponseRedirect(url)
+        if background_ids is not None:
+            action, target_type, _ = background
+            started = bulk.bulk_start(action=action, target_type=target_type, target_ids=background_ids,
+                                      actor=request.user, reason=reason, source="admin")
+            url = reverse("admin:pipeline_ops_bulkaction_change", args=[started.pk])
+            modeladmin.message_user(request, format_html(
+                '{}: {} {}s are being worked through in the background: <a href="{}">follow its progress</a>.',
+                title, len(background_ids), target_type.replace("_", " "), url,
+            ), messages.SUCCESS)
+            return HttpResponseRedirect(url)
         if not any(d.acts for d in plan()):
             # Nothing to do (the button was disabled; a crafted or stale POST): write nothing,
             # not even skipped audit rows, and say so.
@@ -82,16 +85,9 @@ def confirm_then_run(
         modeladmin.message_user(request, report.message, messages.SUCCESS if report.done else messages.WARNING)
         return None  # back to the change list, like delete_selected
 
-    background_total = None
-    if background is not None:
-        target_ids = _pks(background[2]())
-        if bulk.bulk_wanted(len(target_ids)):
-            # Too many to decide in a page (seconds at 10,000): the page shows what would happen
-            # to the first few now; the background action decides each when its turn comes.
-            background_total = len(target_ids)
-            decisions = plan(target_ids[:CONFIRMATION_LIST_LIMIT])
-    if background_total is None:
-        decisions = plan()
+    # Too many to decide in a page (seconds at 10,000): what would happen to the first few now;
+    # the background action decides each target when its turn comes.
+    decisions = plan() if background_ids is None else plan(background_ids[:CONFIRMATION_LIST_LIMIT])
     acting = [d for d in decisions if d.acts]
     skipping = [d for d in decisions if not d.acts]
     select_across = request.POST.get("select_across") == "1"
@@ -114,7 +110,7 @@ def confirm_then_run(
         "acting_count": len(acting),
         "skipping_count": len(skipping),
         "list_limit": CONFIRMATION_LIST_LIMIT,
-        "background_total": background_total,
+        "background_total": None if background_ids is None else len(background_ids),
         "form": form,
         "media": modeladmin.media,
     }

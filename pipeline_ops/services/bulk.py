@@ -23,7 +23,7 @@ from collections.abc import Callable
 
 from django.conf import settings
 from django.db import transaction
-from django.db.models import Count, F
+from django.db.models import F
 from django.db.models.functions import Coalesce
 
 from idempotency.clock import db_now_expression
@@ -38,21 +38,23 @@ log = logging.getLogger(__name__)
 
 Action = OperatorAction.Action
 
-# (action, target type) -> runs one slice of targets through the service a small action calls.
-_RUNNERS: dict[tuple[str, str], Callable[..., operations.ActionReport]] = {
-    (Action.RETRY, "step_run"): lambda ids, **kw: operations.step_runs_retry(step_runs=ids, **kw),
-    (Action.FORCE_RETRY, "step_run"): lambda ids, **kw: operations.step_runs_retry(step_runs=ids, force=True, **kw),
-    (Action.RETRY, "input"): lambda ids, **kw: operations.inputs_retry(inputs=ids, **kw),
-    (Action.FORCE_RETRY, "input"): lambda ids, **kw: operations.inputs_retry(inputs=ids, force=True, **kw),
-    (Action.CANCEL, "input"): lambda ids, **kw: operations.inputs_cancel(inputs=ids, **_without_spread(kw)),
-    (Action.RELEASE_LEASE, "step_run"): lambda ids, **kw: operations.step_runs_release_lease(step_runs=ids, **_without_spread(kw)),
-    (Action.DISCARD, "step_run"): lambda ids, **kw: discard.step_runs_discard(step_runs=ids, **_without_spread(kw)),
+# (action, target type) -> runs one slice of targets through the service a small action calls,
+# as the bulk's actor, with its reason and under its batch.
+_RUNNERS: dict[tuple[str, str], Callable[[list, BulkAction], operations.ActionReport]] = {
+    (Action.RETRY, "step_run"): lambda ids, bulk: operations.step_runs_retry(step_runs=ids, spread_from=bulk.done, **_as(bulk)),
+    (Action.FORCE_RETRY, "step_run"): lambda ids, bulk: operations.step_runs_retry(
+        step_runs=ids, force=True, spread_from=bulk.done, **_as(bulk)),
+    (Action.RETRY, "input"): lambda ids, bulk: operations.inputs_retry(inputs=ids, spread_from=bulk.done, **_as(bulk)),
+    (Action.FORCE_RETRY, "input"): lambda ids, bulk: operations.inputs_retry(inputs=ids, force=True, spread_from=bulk.done, **_as(bulk)),
+    (Action.CANCEL, "input"): lambda ids, bulk: operations.inputs_cancel(inputs=ids, **_as(bulk)),
+    (Action.RELEASE_LEASE, "step_run"): lambda ids, bulk: operations.step_runs_release_lease(step_runs=ids, **_as(bulk)),
+    (Action.DISCARD, "step_run"): lambda ids, bulk: discard.step_runs_discard(step_runs=ids, **_as(bulk)),
 }
 _MODELS = {"step_run": StepRun, "input": PipelineInput}
 
 
-def _without_spread(kwargs: dict) -> dict:
-    return {k: v for k, v in kwargs.items() if k != "spread_from"}
+def _as(bulk: BulkAction) -> dict:
+    return {"actor": bulk.actor, "reason": bulk.reason, "source": bulk.source, "batch": bulk.batch}
 
 
 def bulk_wanted(target_count: int) -> bool:
@@ -95,7 +97,7 @@ def bulk_run_slice(*, bulk_id: int) -> BulkAction | None:
     # Targets deleted since the plan are simply not found: the services skip what they cannot load.
     ids = [model._meta.pk.to_python(pk) for pk in bulk.target_ids[start:stop]]
     try:
-        run(ids, actor=bulk.actor, reason=bulk.reason, source=bulk.source, batch=bulk.batch, spread_from=bulk.done)
+        run(ids, bulk)
     except Exception as exc:
         if is_infrastructure_error(exc):
             raise  # the platform's: this slice is delivered again (django-q2, or the reconciler)
@@ -112,8 +114,11 @@ def _finish(bulk: BulkAction, *, start: int, position: int, status: str, message
     """Record the slice's end (position, counts from the audit rows, status), and queue the next
     slice in the same transaction. False when another delivery of the slice got there first."""
     with transaction.atomic():
-        counts = dict(OperatorAction.objects.filter(batch=bulk.batch).values_list("outcome").annotate(n=Count("pk")).values_list("outcome", "n"))
-        done, skipped = counts.get("done", 0), counts.get("skipped", 0)
+        # Per target, not per audit row: a slice delivered again re-audits its targets as
+        # skipped ("already queued"), and a target acted on once is done, whatever came after.
+        audit = OperatorAction.objects.filter(batch=bulk.batch)
+        done = audit.filter(outcome="done").values("target_id").distinct().count()
+        skipped = audit.values("target_id").distinct().count() - done
         if status == BulkAction.Status.DONE:
             # Counted from the audit rows, which are per target the service acts on: a retry of
             # inputs audits each of their steps, so the selection is named apart.

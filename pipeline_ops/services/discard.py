@@ -12,7 +12,7 @@ retried (``STEP_TRANSITIONS`` has no move out of DISCARDED) and leaves the Dead 
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from datetime import datetime
 
 from django.db import transaction
@@ -59,7 +59,7 @@ def step_runs_discard_plan(*, step_runs: Iterable[StepRun]) -> list[Decision]:
 
 def step_runs_discard(
     *, step_runs: Iterable[StepRun], actor, reason: str, source: str, now: datetime | None = None,
-    on_decision: Callable[[Decision], None] | None = None, batch: uuid.UUID | None = None,
+    batch: uuid.UUID | None = None,
 ) -> ActionReport:
     """Give up on dead (FAILED) steps: each becomes DISCARDED, with one audit row in the
     transaction of its move; any other step is skipped with the reason. Callers check
@@ -90,6 +90,4 @@ def step_runs_discard(
             _audit(batch=report.batch, actor=actor, source=source, action=OperatorAction.Action.DISCARD, reason=reason,
                    decision=decision, before=before, after=after, outcome=decision.acts)
         report.add(decision)
-        if on_decision is not None:
-            on_decision(decision)
     return report

@@ -129,15 +129,14 @@ def input_cancel(*, pipeline_input: PipelineInput, reason: str = "input cancelle
     from idempotency.models import IdempotencyRecord
     from idempotency.states import RecordStatus
 
-    from .steps import step_rows_lock
+    from .steps import input_rows_lock
 
     now = now or timezone.now()
     if not PipelineInput.objects.filter(pk=pipeline_input.pk, status__in=_ROLL_UP_FROM).exists():
         return 0
     try:
         with transaction.atomic():
-            step_ids = list(StepRun.objects.filter(input_id=pipeline_input.pk).values_list("pk", flat=True))
-            step_rows_lock(step_run_ids=step_ids, input_id=pipeline_input.pk)
+            input_rows_lock(input_id=pipeline_input.pk)  # re-entrant: a caller may hold them already
             open_steps = list(
                 StepRun.objects.filter(input_id=pipeline_input.pk, status__in=step_sources(StepStatus.CANCELLED))
                 .values_list("pk", "step")

@@ -40,7 +40,7 @@ from idempotency.states import RecordStatus
 from ..models import OperatorAction, PipelineInput, StepRun
 from ..queueing import step_run_enqueue
 from ..states import InputStatus, StepStatus, step_sources
-from .steps import step_rows_lock
+from .steps import input_rows_lock, step_rows_lock
 
 # The guard scope the runner claims step keys in (key: "<input id>:<step>", see StepRun.idempotency_key).
 STEP_SCOPE = "step"
@@ -440,13 +440,13 @@ def inputs_retry_plan(*, inputs: Iterable[PipelineInput], force: bool = False, n
 
 def inputs_retry(
     *, inputs: Iterable[PipelineInput], actor, reason: str, source: str, force: bool = False,
-    on_decision: Callable[[Decision], None] | None = None, batch: uuid.UUID | None = None, spread_from: int = 0,
+    batch: uuid.UUID | None = None, spread_from: int = 0,
 ) -> ActionReport:
     """Retry the failed, waiting or stuck steps of each input (see ``step_runs_retry``).
     Raises ValueError for an empty reason or an unknown source."""
     return step_runs_retry(
         step_runs=_input_retry_targets(inputs), actor=actor, reason=reason, source=source, force=force,
-        on_decision=on_decision, batch=batch, spread_from=spread_from,
+        batch=batch, spread_from=spread_from,
     )
 
 
@@ -481,8 +481,7 @@ def inputs_cancel_plan(*, inputs: Iterable[PipelineInput]) -> list[Decision]:
 
 
 def inputs_cancel(
-    *, inputs: Iterable[PipelineInput], actor, reason: str, source: str,
-    on_decision: Callable[[Decision], None] | None = None, batch: uuid.UUID | None = None,
+    *, inputs: Iterable[PipelineInput], actor, reason: str, source: str, batch: uuid.UUID | None = None,
 ) -> ActionReport:
     """Cancel inputs that are not finished: their pending and queued steps are CANCELLED and a
     running step's key is released, so its attempt is fenced if it ever tries to complete
@@ -497,8 +496,7 @@ def inputs_cancel(
             # The one lock order (docs/guard.md): the input's step runs, then the input. Locking
             # the input first deadlocked with a worker claiming one of its steps, which holds the
             # step and then asks for the input.
-            step_ids = list(StepRun.objects.filter(input_id=input_id).order_by("pk").values_list("pk", flat=True))
-            step_rows_lock(step_run_ids=step_ids, input_id=input_id)
+            input_rows_lock(input_id=input_id)
             pipeline_input = PipelineInput.objects.filter(pk=input_id).first()
             if pipeline_input is None:
                 continue
@@ -513,8 +511,6 @@ def inputs_cancel(
                 outcome=decision.acts,
             )
         report.add(decision)
-        if on_decision is not None:
-            on_decision(decision)
     return report
 
 
@@ -543,7 +539,7 @@ def step_runs_release_lease_plan(*, step_runs: Iterable[StepRun], now: datetime 
 
 def step_runs_release_lease(
     *, step_runs: Iterable[StepRun], actor, reason: str, source: str, now: datetime | None = None,
-    on_decision: Callable[[Decision], None] | None = None, batch: uuid.UUID | None = None,
+    batch: uuid.UUID | None = None,
 ) -> ActionReport:
     """Release expired (stuck) leases: the key becomes FAILED with a retry due now, the stuck
     attempt TIMED_OUT (FENCED if it ever completes), and the step waits as RETRY_WAIT due now, so
@@ -576,6 +572,4 @@ def step_runs_release_lease(
                 outcome=decision.acts,
             )
         report.add(decision)
-        if on_decision is not None:
-            on_decision(decision)
     return report

@@ -116,6 +116,13 @@ def step_rows_lock(*, step_run_ids: list[int], input_id=None) -> None:
         list(PipelineInput.objects.select_for_update(no_key=True).filter(pk=input_id).values_list("pk", flat=True))
 
 
+def input_rows_lock(*, input_id) -> None:
+    """Lock all of an input's step runs, then the input (``step_rows_lock``): for a transaction
+    about the whole input, such as a cancel."""
+    step_ids = list(StepRun.objects.filter(input_id=input_id).order_by("pk").values_list("pk", flat=True))
+    step_rows_lock(step_run_ids=step_ids, input_id=input_id)
+
+
 def _one_line(exc: BaseException) -> str:
     text = str(exc).splitlines()[0] if str(exc) else ""
     return f"{type(exc).__name__}: {text}"[:500] if text else type(exc).__name__

@@ -221,9 +221,12 @@ def test_purge_older_than_zero_keeps_key_whose_retry_is_due():
     assert report.deleted == 1 and keys() == {"waiting"}
 
 
-def test_purge_keeps_key_taken_over_after_its_lease_when_its_first_expiry_has_passed():
-    claimed("taken_over", now=at(0), lease=60)
-    second = claimed("taken_over", now=at(2 * DAY), lease=60)  # the lease ran out: attempt #2
-    guard.fail(attempt=second, error=TimeoutError("t"), policy=RETRYING, now=at(2 * DAY + 30))
+def test_purge_keeps_key_dead_lettered_by_a_late_claim_when_its_first_expiry_has_passed():
+    from .helpers import claim
+
+    claimed("dead_lettered", now=at(0), lease=60, max_attempts=1)
+    # Two days later a redelivery finds the lease long gone and the attempts used up: FAILED.
+    assert isinstance(claim("dead_lettered", now=at(2 * DAY), max_attempts=1), guard.Failed)
 
     assert records_purge(now=at(2 * DAY + 3600)).deleted == 0
+    assert records_purge(now=at(3 * DAY + 60)).deleted == 1  # a whole retention after it moved

@@ -50,12 +50,14 @@ def record() -> IdempotencyRecord | None:
 
 @settings(max_examples=150, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
 @given(ops=st.lists(operation, min_size=1, max_size=25))
-# The interleavings that once lost live work, always tried first: a release, a reopen and a
-# terminal failure more than a day after the key's first expiry, each followed by a purge.
+# The interleavings that once lost live work, always tried first: a release, a reopen, a
+# terminal failure and a dead-letter more than a day after the key's first expiry, then a purge.
 @example(ops=[("claim",), ("advance", 25 * HOUR), ("release",), ("purge",)])
 @example(ops=[("claim",), ("fail", False), ("advance", 25 * HOUR), ("reopen",), ("purge",)])
 @example(ops=[("claim",), ("advance", 25 * HOUR), ("fail", False), ("purge",)])
 @example(ops=[("claim",), ("fail", True), ("purge",), ("advance", 49 * HOUR), ("purge",)])
+@example(ops=[("claim",), ("advance", 25 * HOUR), ("claim",), ("advance", 25 * HOUR), ("claim",),
+              ("advance", 25 * HOUR), ("claim",), ("purge",)])  # dead-lettered after three takeovers
 def test_purge_never_deletes_live_work_when_moves_and_purges_interleave(ops):
     IdempotencyRecord.objects.all().delete()
     retention = guard._retention()

@@ -143,6 +143,31 @@ def test_redis_message_still_waiting_is_never_sent_again_and_a_lost_one_is_once(
     assert redis_broker.queue_size() == 1
 
 
+def test_unreadable_redis_queue_defers_the_lost_check_instead_of_resending_everything(redis_broker, monkeypatch,
+                                                                                    django_capture_on_commit_callbacks):
+    import socket
+
+    from django_q.conf import Conf
+
+    from pipeline_ops.queueing import process_broker
+
+    with django_capture_on_commit_callbacks(execute=True):
+        pipeline_input = submit()
+    first = StepRun.objects.get(input=pipeline_input, position=0)
+    with socket.socket() as sock:  # a port nobody listens on: Redis is down
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    monkeypatch.setattr(Conf, "REDIS", f"redis://127.0.0.1:{port}/0")
+    process_broker.cache_clear()
+    later = timezone.now() + timedelta(seconds=61)
+
+    report = reconcile_once(now=later)
+
+    assert report.lost == [] and any("queue unreadable" in note for note in report.notes), report.notes
+    first.refresh_from_db()
+    assert first.status == StepStatus.QUEUED and first.enqueued_at < later  # nothing was re-sent or moved
+
+
 def test_due_retry_is_enqueued_once_when_two_reconcilers_run(test_steps, pipeline):
     def flaky(ctx):
         if ctx.attempt_number == 1:
