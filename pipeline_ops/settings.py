@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 
 import dj_database_url
@@ -96,6 +97,8 @@ TEMPLATES = [
 # TEST_DB_TAG keeps concurrent test runs (several developers, or SQLite and PostgreSQL passes)
 # on separate test databases.
 TEST_DB_TAG = os.environ.get("TEST_DB_TAG", "main")
+# This process is a django-q2 cluster (`manage.py qcluster`): see CONN_HEALTH_CHECKS below.
+_RUNS_QCLUSTER = len(sys.argv) > 1 and sys.argv[1] == "qcluster"
 DATABASE_URL = os.environ.get("DATABASE_URL") or f"sqlite:///{VAR_DIR / 'pipeline_ops.sqlite3'}"
 _db = dj_database_url.parse(DATABASE_URL)
 if _db["ENGINE"] == "django.db.backends.sqlite3":
@@ -112,7 +115,11 @@ if _db["ENGINE"] == "django.db.backends.sqlite3":
 else:
     # Persistent connections: CONN_MAX_AGE=0 reconnects per django-q2 enqueue (~36 tasks/s here).
     _db["CONN_MAX_AGE"] = env_int("CONN_MAX_AGE", 600)
-    _db["CONN_HEALTH_CHECKS"] = True
+    # Health checks cost a `SELECT 1` before each task in the workers (django-q2 closes old
+    # connections around every task). The workers do without: each of their database moves is
+    # retried through an infrastructure error on a fresh connection (idempotency.faults), so a
+    # stale connection costs one retry, not a lost step. The web keeps them (a request has no retry).
+    _db["CONN_HEALTH_CHECKS"] = env_bool("CONN_HEALTH_CHECKS", not _RUNS_QCLUSTER)
     _db["TEST"] = {"NAME": f"test_pipeline_ops_{TEST_DB_TAG}"}
     # `chaos --db-faults` only (pipeline_ops/chaos/dbfaults.py): the worker clusters' connections
     # carry a name the driver finds in pg_stat_activity to pg_terminate_backend them, and a short
@@ -170,19 +177,30 @@ PIPELINE_OPS_BULK_STALL_SECONDS = env_int("PIPELINE_OPS_BULK_STALL_SECONDS", 600
 PIPELINE_OPS_BROKER = os.environ.get("PIPELINE_OPS_BROKER", "orm").lower()
 REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
 _q_workers = env_int("Q_WORKERS", 2)
+# Up to one task per worker in each dequeue: fewer queue round trips per task, never more than
+# workers (django-q2.md rule 10).
+_q_bulk = max(1, min(_q_workers, env_int("Q_BULK", 4)))
 Q_CLUSTER = {
     "name": os.environ.get("PIPELINE_OPS_QUEUE", "pipeline_ops"),
     "workers": _q_workers,
-    # The retry clock starts at dequeue, prefetch included: keep the prefetch small so
-    # retry >= (queue_limit / workers + 1) * timeout + margin holds.
+    # The retry clock starts at dequeue, prefetch included: keep the prefetch at one task per
+    # worker so retry >= (queue_limit / workers + 1) * timeout + margin holds.
     "queue_limit": _q_workers,
-    "bulk": 1,
-    "poll": float(os.environ.get("Q_POLL", "0.2")),
+    "bulk": _q_bulk,
+    # An idle queue answers a step's enqueue within this (django-q2's ORM broker polls); 0.05 s is
+    # one cheap indexed SELECT per 50 ms per cluster. The PostgreSQL broker wakes on NOTIFY instead.
+    "poll": float(os.environ.get("Q_POLL", "0.05")),
     "timeout": STEP_TIMEOUT_SECONDS,
     # Q_RETRY_SECONDS: only for chaos runs and cluster tests, which SIGKILL clusters and want the
     # prefetched tasks of a dead cluster back in seconds; keep it >= 2 * timeout + margin.
-    "retry": env_int("Q_RETRY_SECONDS", 2 * STEP_TIMEOUT_SECONDS + 120),
+    # A dequeued task waits behind at most queue_limit + bulk - 1 others (the pusher blocks on a
+    # full queue holding the rest of its batch), so it starts and ends within
+    # ((queue_limit + bulk) / workers + 1) * timeout: only then may its row be handed out again.
+    "retry": env_int("Q_RETRY_SECONDS", ((_q_workers + _q_bulk) // _q_workers + 1) * STEP_TIMEOUT_SECONDS + 120),
+    # A task whose function raised (a bug, a hard timeout) is acknowledged too: our Attempt table
+    # decides retries (the reconciler re-sends a step whose message is gone), not a redelivery loop.
     "ack_failures": True,
+    # django-q2's own re-delivery count is not ours: one delivery per message, the guard does the rest.
     "max_attempts": 1,
     # Our tables hold results and attempts. -1 saves no Task row for a success: save_limit=250
     # locks every Success row per task (~100/s cap) and 0 keeps every success forever. Failures
