@@ -13,7 +13,6 @@ import os
 import socket
 import traceback as traceback_module
 from collections.abc import Callable
-from contextlib import nullcontext
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -314,21 +313,40 @@ def complete(
     """
     now = now or timezone.now()
     try:
-        with transaction.atomic():
+        # Without a domain write there is nothing to roll back when the key is not ours (the
+        # conditional UPDATE wrote nothing): no savepoint inside a caller's transaction (the API's).
+        with transaction.atomic(savepoint=write is not None):
             if write is not None:
                 write()
             # Last, so the record's row lock is held for the shortest time, and so locks are taken
             # in one order (domain rows, then the key): callers that lock a domain row and then
             # its key (an operator's retry) cannot deadlock with a completing worker.
-            if not _complete_held(attempt=attempt, result=result, details=details, now=now):
+            held = _complete_held(attempt=attempt, result=result, details=details, now=now)
+            if not held and write is not None:
                 raise _NotHolder
-        return Completion(fenced=False, result=result)
+        if held:
+            return Completion(fenced=False, result=result)
+        return completion_refused(attempt=attempt, details=details, now=now)
     except _NotHolder:
-        reason = "finished after a newer attempt took the key; its write was rolled back"
+        return completion_refused(attempt=attempt, details=details, now=now)
     except IntegrityError as exc:
         if _held_by(attempt).exists():
             raise  # a genuine domain error while we hold the key: let the caller fail the attempt
-        reason = f"finished late; the database refused its write ({type(exc).__name__})"
+        return completion_refused(attempt=attempt, details=details, now=now, refused_by=exc)
+
+
+def completion_refused(
+    *, attempt: Attempt, details: dict | None, now: datetime, refused_by: BaseException | None = None
+) -> Completion:
+    """What a completion whose conditional UPDATE matched nothing (or whose write the database
+    refused while the attempt no longer held the key) amounts to, after its transaction was
+    rolled back: FENCED with the winner's result, or "already completed by this attempt" when
+    its own earlier commit landed unseen. For callers that complete in their own statement
+    (``complete_sql``) as much as for ``complete``."""
+    reason = (
+        f"finished late; the database refused its write ({type(refused_by).__name__})" if refused_by is not None
+        else "finished after a newer attempt took the key; its write was rolled back"
+    )
     winner = IdempotencyRecord.objects.only("status", "result", "attempt_count").filter(pk=attempt.record_id).first()
     if winner is None:
         # The record was purged (or deleted by an operator) under the running attempt: nothing
@@ -345,6 +363,11 @@ def complete(
         error_type="Fenced", message=reason, details=details,
     )
     return Completion(fenced=True, result=winner.result if winner.status == RecordStatus.COMPLETED else None, reason=reason)
+
+
+def held_by(attempt: Attempt) -> bool:
+    """Whether ``attempt`` holds its key right now (PROCESSING under its number)."""
+    return _held_by(attempt).exists()
 
 
 def fail(
@@ -547,7 +570,8 @@ def _insert_new(
 
     The lease starts at ``now``; None means the database's clock (on PostgreSQL the statement
     itself computes the time columns; SQLite's clock is this host's).
-    ``savepoint=False``: the caller's atomic block is rolled back on a unique violation anyway."""
+    ``savepoint=False`` (SQLite): the caller's atomic block is rolled back on a unique violation
+    anyway. PostgreSQL needs none: its insert does nothing on a conflict, and we raise."""
     connection = _db_for(IdempotencyRecord)
     if connection.vendor not in _FAST_VENDORS:
         _stamp_new(record, attempt, now=now or db_now(using=connection.alias), lease=lease)
@@ -573,23 +597,27 @@ def _insert_new(
         a_columns, a_placeholders, a_values = _insert_statement(
             connection, Attempt, attempt, skip=("record_id",), db_clock=attempt_clock
         )
+        # ON CONFLICT DO NOTHING: an existing key inserts nothing and raises nothing, so no
+        # savepoint is needed inside a caller's transaction (none is poisoned); we raise below.
         sql = (
-            f"WITH new_record AS (INSERT INTO {record_table} ({columns}) VALUES ({placeholders}) RETURNING {record_pk}) "
+            f"WITH new_record AS (INSERT INTO {record_table} ({columns}) VALUES ({placeholders}) "
+            f"ON CONFLICT ({qn('scope')}, {qn('key')}) DO NOTHING RETURNING {record_pk}) "
             f"INSERT INTO {attempt_table} ({a_columns}, {record_fk}) SELECT {a_placeholders}, {record_pk} FROM new_record "
             f"RETURNING {record_fk}, {qn(Attempt._meta.get_field('started_at').column)}"
         )
-        # In autocommit the statement is its own transaction; inside a caller's transaction a
-        # savepoint keeps a unique violation from poisoning it.
-        block = transaction.atomic(using=connection.alias) if connection.in_atomic_block and savepoint else nullcontext()
-        with block, connection.cursor() as cursor:
+        # In autocommit the statement is its own transaction (one round trip, one commit).
+        with connection.cursor() as cursor:
             cursor.execute(sql, values + a_values)
-            record.pk, started_at = cursor.fetchone()
+            row = cursor.fetchone()
+        if row is None:
+            raise IntegrityError(f"idempotency key {record.scope}/{record.key} exists")
+        record.pk, started_at = row
         if now is None:
             _stamp_new(record, attempt, now=started_at, lease=lease)  # the database's time, as written
     else:
         _stamp_new(record, attempt, now=now or timezone.now(), lease=lease)  # SQLite: this host's clock is the database's
         columns, placeholders, values = _insert_statement(connection, IdempotencyRecord, record)
-        with transaction.atomic(using=connection.alias), connection.cursor() as cursor:
+        with transaction.atomic(using=connection.alias, savepoint=savepoint), connection.cursor() as cursor:
             cursor.execute(f"INSERT INTO {record_table} ({columns}) VALUES ({placeholders})", values)
             record.pk = cursor.lastrowid
             attempt.record = record
@@ -599,11 +627,21 @@ def _insert_new(
     _mark_saved(connection, record, attempt)
 
 
-def _complete_held(*, attempt: Attempt, result: Any, details: dict | None, now: datetime) -> bool:
-    """Move the record to COMPLETED and the attempt to SUCCEEDED if the attempt holds the key.
+@dataclass(frozen=True)
+class CompletionParts:
+    """The two conditional UPDATEs of a completion, as SQL text and parameters, for a caller that
+    folds them into a statement of its own (PostgreSQL: a data-modifying CTE). ``held_sql`` moves
+    the record only while the attempt holds the key; ``ended_sql`` moves the attempt to SUCCEEDED
+    and takes one more condition (``AND ...``) from the caller, normally "held matched"."""
 
-    Must run inside the completion's transaction. False (nothing written) if it does not hold it.
-    """
+    held_sql: str
+    held_params: list
+    ended_sql: str
+    ended_params: list
+
+
+def completion_parts(*, attempt: Attempt, result: Any, details: dict | None, now: datetime, connection) -> CompletionParts:
+    """The SQL of ``attempt``'s completion with ``result`` (PostgreSQL or SQLite)."""
     record_changes: dict[str, Any] = dict(
         status=RecordStatus.COMPLETED, result=result, completed_at=now, lease_expires_at=None,
         retry_at=None, error_summary="", updated_at=now, expires_at=now + _retention(),
@@ -612,12 +650,6 @@ def _complete_held(*, attempt: Attempt, result: Any, details: dict | None, now: 
     if details:
         attempt_changes["details"] = details
     sources = attempt_sources(AttemptStatus.SUCCEEDED)
-    connection = _db_for(IdempotencyRecord)
-    if connection.vendor not in _FAST_VENDORS:
-        if not _held_by(attempt).update(**record_changes):
-            return False
-        Attempt.objects.filter(pk=attempt.pk, status__in=sources).update(**attempt_changes)
-        return True
     held_sql, ended_sql, record_fields, attempt_fields = _completion_statements(
         connection, tuple(record_changes), tuple(attempt_changes), len(sources)
     )
@@ -631,20 +663,101 @@ def _complete_held(*, attempt: Attempt, result: Any, details: dict | None, now: 
         *(f.get_db_prep_save(attempt_changes[f.name], connection) for f in attempt_fields),
         attempt_id, *sources,
     ]
+    return CompletionParts(held_sql, held_params, ended_sql, ended_params)
+
+
+def _complete_held(*, attempt: Attempt, result: Any, details: dict | None, now: datetime) -> bool:
+    """Move the record to COMPLETED and the attempt to SUCCEEDED if the attempt holds the key.
+
+    Must run inside the completion's transaction. False (nothing written) if it does not hold it.
+    """
+    connection = _db_for(IdempotencyRecord)
+    if connection.vendor not in _FAST_VENDORS:
+        record_changes: dict[str, Any] = dict(
+            status=RecordStatus.COMPLETED, result=result, completed_at=now, lease_expires_at=None,
+            retry_at=None, error_summary="", updated_at=now, expires_at=now + _retention(),
+        )
+        if not _held_by(attempt).update(**record_changes):
+            return False
+        Attempt.objects.filter(pk=attempt.pk, status__in=attempt_sources(AttemptStatus.SUCCEEDED)).update(
+            status=AttemptStatus.SUCCEEDED, finished_at=now, **({"details": details} if details else {})
+        )
+        return True
+    parts = completion_parts(attempt=attempt, result=result, details=details, now=now, connection=connection)
     with connection.cursor() as cursor:
         if connection.vendor == "postgresql":
             cursor.execute(
-                f"WITH held AS ({held_sql} RETURNING 1), "
-                f"ended AS ({ended_sql} AND EXISTS (SELECT 1 FROM held) RETURNING 1) "
+                f"WITH held AS ({parts.held_sql} RETURNING 1), "
+                f"ended AS ({parts.ended_sql} AND EXISTS (SELECT 1 FROM held) RETURNING 1) "
                 f"SELECT (SELECT count(*) FROM held)",
-                held_params + ended_params,
+                parts.held_params + parts.ended_params,
             )
             return bool(cursor.fetchone()[0])
-        cursor.execute(held_sql, held_params)
+        cursor.execute(parts.held_sql, parts.held_params)
         if cursor.rowcount != 1:
             return False
-        cursor.execute(ended_sql, ended_params)
+        cursor.execute(parts.ended_sql, parts.ended_params)
         return True
+
+
+@dataclass(frozen=True)
+class NewKeyParts:
+    """A new key's record and attempt #1 as two INSERT bodies (PostgreSQL), for a caller that
+    folds the claim into a statement of its own: ``record_sql`` inserts the record from
+    ``SELECT ... FROM {source}`` and does nothing on a conflict (the key exists: the caller then
+    takes the locked path, ``claim``); ``attempt_sql`` inserts attempt #1 from ``{record}``.
+    Call ``claimed(record_id, started_at)`` with what the statement returned."""
+
+    record_sql: str
+    record_params: list
+    attempt_sql: str
+    attempt_params: list
+    record: IdempotencyRecord
+    attempt: Attempt
+    lease: timedelta
+
+    def claimed(self, record_id: int, started_at: datetime) -> Claimed:
+        self.record.pk = record_id
+        self.attempt.record = self.record
+        _stamp_new(self.record, self.attempt, now=started_at, lease=self.lease)
+        _mark_saved(_db_for(IdempotencyRecord), self.record, self.attempt)
+        return Claimed(self.attempt)
+
+
+def new_key_parts(
+    *, scope: str, key: str, operation: str, fingerprint: str, lease_seconds: float | None = None,
+    worker: str | None = None, source: str, record: str,
+) -> NewKeyParts:
+    """The SQL of claiming a new key (PostgreSQL), every time column on the database's clock.
+    ``source``/``record``: the CTE names the caller's statement reads from."""
+    connection = _db_for(IdempotencyRecord)
+    lease = timedelta(seconds=lease_seconds if lease_seconds is not None else conf.get("LEASE_SECONDS"))
+    new_record = IdempotencyRecord(
+        scope=scope, key=key, operation=operation, fingerprint=fingerprint, status=RecordStatus.PROCESSING, attempt_count=1,
+    )
+    attempt = Attempt(record=new_record, number=1, worker=worker or default_worker())
+    qn = connection.ops.quote_name
+    columns, placeholders, values = _insert_statement(connection, IdempotencyRecord, new_record, db_clock={
+        "created_at": None, "updated_at": None,
+        "lease_expires_at": lease.total_seconds(), "expires_at": _retention().total_seconds(),
+    })
+    a_columns, a_placeholders, a_values = _insert_statement(
+        connection, Attempt, attempt, skip=("record_id",), db_clock={"started_at": None}
+    )
+    record_pk, record_fk = qn(IdempotencyRecord._meta.pk.column), qn(Attempt._meta.get_field("record").column)
+    return NewKeyParts(
+        record_sql=(
+            f"INSERT INTO {qn(IdempotencyRecord._meta.db_table)} ({columns}) SELECT {placeholders} FROM {source} "
+            f"ON CONFLICT ({qn('scope')}, {qn('key')}) DO NOTHING RETURNING {record_pk}"
+        ),
+        record_params=values,
+        attempt_sql=(
+            f"INSERT INTO {qn(Attempt._meta.db_table)} ({a_columns}, {record_fk}) SELECT {a_placeholders}, {record_pk} "
+            f"FROM {record} RETURNING {record_fk}, {qn(Attempt._meta.get_field('started_at').column)}"
+        ),
+        attempt_params=a_values,
+        record=new_record, attempt=attempt, lease=lease,
+    )
 
 
 _COMPLETION_STATEMENTS: dict[tuple, tuple[str, str, list, list]] = {}
