@@ -13,6 +13,11 @@ class PipelineOpsConfig(AppConfig):
 
         readiness_connect()
 
+        # The running task's queue row, acknowledged in the step's completion (pipeline_ops.delivery).
+        from pipeline_ops.delivery import delivery_connect
+
+        delivery_connect()
+
         # The chaos run's effects log (pipeline_ops.chaos.effects): a no-op unless
         # PIPELINE_OPS_EFFECTS_LOG is set, so production connects nothing.
         from pipeline_ops.chaos.effects import effects_connect

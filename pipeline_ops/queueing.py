@@ -39,6 +39,29 @@ def _enqueue(func: str, arg, *, name: str) -> None:
         transaction.on_commit(send)
 
 
+def step_task_row(*, step_run_id: int) -> tuple[str, str]:
+    """The queue row of one step task as ``(key, payload)``, exactly what ``async_task`` hands the
+    ORM broker (the same task dict, ``pre_enqueue`` signal and signature), for a completion that
+    inserts the next step's row in its own statement (``pipeline_ops.hotpath``)."""
+    from django.utils import timezone
+    from django_q.conf import Conf
+    from django_q.humanhash import uuid
+    from django_q.signals import pre_enqueue
+    from django_q.signing import SignedPackage
+
+    tag = uuid()
+    task = {"id": tag[1], "name": f"step_run:{step_run_id}", "func": STEP_TASK, "args": (step_run_id,)}
+    if Conf.CACHED:
+        task["cached"] = Conf.CACHED
+    if Conf.ACK_FAILURES:
+        task["ack_failure"] = Conf.ACK_FAILURES
+    task["kwargs"] = {}
+    task["started"] = timezone.now()
+    pre_enqueue.send(sender="django_q", task=task)
+    broker = process_broker()
+    return broker.list_key or Conf.CLUSTER_NAME, SignedPackage.dumps(task)
+
+
 def step_run_enqueue(*, step_run_id: int) -> None:
     """Queue one execution of the step run. Safe to call twice: the task is guarded."""
     _enqueue(STEP_TASK, step_run_id, name=f"step_run:{step_run_id}")

@@ -18,8 +18,10 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from django.conf import settings
-from django.db import router, transaction
-from django.db.models import F, Value
+from django.db import connections, router, transaction
+from django.db.models import F, OuterRef, Subquery, Value
+from django.db.models.expressions import RawSQL
+from django_q.models import OrmQ
 from django.db.models.functions import Coalesce
 from django.utils import timezone
 
@@ -32,12 +34,14 @@ from idempotency.policy import NO_RETRY, RetryPolicy
 from idempotency.states import RecordStatus
 
 from ..models import PipelineInput, StepOutput, StepRun
+from ..delivery import delivery_ack_id
 from ..observability.logging import log_context_bind
 from ..queueing import step_run_enqueue
 from ..runner import attempt_heartbeat, step_call
 from ..signals import step_effect_committed
 from ..states import InputStatus, StepStatus, step_sources
 from ..steps import Step, StepContext, UnknownStepError, step_get
+from . import hotpath_postgresql
 from .inputs import STEP_SCOPE, input_roll_up
 
 log = logging.getLogger(__name__)
@@ -136,6 +140,47 @@ def _step_fail_without_attempt(*, step_run: StepRun, message: str, now: datetime
         input_roll_up(input_id=step_run.input_id, now=now)
 
 
+def _one_statement_path() -> bool:
+    """PostgreSQL claims and completes a step in one statement each (``hotpath_postgresql``);
+    every other database runs the same protocol as a transaction of ORM statements."""
+    return connections[router.db_for_write(StepRun)].vendor == "postgresql"
+
+
+_EARLIER_OUTPUTS_SQL = {
+    # One object {step: output} of the outputs of the steps before this one.
+    "postgresql": "json_object_agg(o.step, o.output)",
+    "sqlite": "json_group_object(o.step, json(o.output))",
+}
+
+
+def _step_run_read(*, step_run_id: int) -> StepRun | None:
+    """The step run, its input, the outputs of the steps before it (``earlier_outputs``) and the
+    id of the step after it (``next_step_id``), in one statement."""
+    table = StepRun._meta.db_table
+    aggregate = _EARLIER_OUTPUTS_SQL.get(connections[router.db_for_write(StepRun)].vendor)
+    rows = StepRun.objects.select_related("input").filter(pk=step_run_id).annotate(
+        next_step_id=Subquery(
+            StepRun.objects.filter(input_id=OuterRef("input_id"), position=OuterRef("position") + 1).values("pk")[:1]
+        ),
+    )
+    if aggregate is not None:
+        rows = rows.annotate(earlier_outputs_json=RawSQL(
+            f"SELECT {aggregate} FROM {StepOutput._meta.db_table} o JOIN {table} p ON p.id = o.step_run_id "
+            f"WHERE o.input_id = {table}.input_id AND p.position < {table}.position", (),
+        ))
+    step_run = rows.first()
+    if step_run is None:
+        return None
+    if aggregate is not None:
+        raw = step_run.earlier_outputs_json
+        step_run.earlier_outputs = (json.loads(raw) if isinstance(raw, str) else raw) or {}
+    else:
+        step_run.earlier_outputs = dict(
+            StepOutput.objects.filter(input_id=step_run.input_id, step_run__position__lt=step_run.position).values_list("step", "output")
+        ) if step_run.position else {}
+    return step_run
+
+
 def step_run_execute(*, step_run_id: int, now: datetime | None = None) -> StepExecution:
     """Run the step run once under the guard, or find out why not. Never raises for a busy,
     done, failed or cancelled step: the returned ``outcome`` says what happened.
@@ -144,7 +189,7 @@ def step_run_execute(*, step_run_id: int, now: datetime | None = None) -> StepEx
     Raises only on database errors.
     """
     claim_now = now or timezone.now()  # only for the bookkeeping of steps that never claim
-    step_run = StepRun.objects.select_related("input").filter(pk=step_run_id).first()
+    step_run = _retry_platform(lambda: _step_run_read(step_run_id=step_run_id), what=f"read of step run {step_run_id}")
     if step_run is None:
         return StepExecution(Outcome.MISSING, step_run_id)
     log_context_bind(input_id=step_run.input_id, step=step_run.step, key=step_run.idempotency_key)
@@ -160,15 +205,26 @@ def step_run_execute(*, step_run_id: int, now: datetime | None = None) -> StepEx
         _step_fail_without_attempt(step_run=step_run, message=str(exc), now=claim_now)
         return StepExecution(Outcome.FAILED, step_run_id, message=str(exc))
 
-    outputs = dict(
-        StepOutput.objects.filter(input_id=step_run.input_id, step_run__position__lt=step_run.position).values_list("step", "output")
-    ) if step_run.position else {}
+    outputs = step_run.earlier_outputs
+    key_fingerprint = step_fingerprint(pipeline=step_run.input.pipeline, step=step_run.step, payload=step_run.input.payload, outputs=outputs)
+
     def claim_step() -> guard.ClaimOutcome:
+        if now is None and _one_statement_path():
+            # A new key for a runnable step (the common case) in one statement. Anything else (the
+            # key exists: a replay, a retry, a takeover; or the step moved on) takes the locked
+            # path below, which decides it exactly as before.
+            new = hotpath_postgresql.step_claim_new(
+                step_run=step_run, scope=STEP_SCOPE, operation=f"step:{step_run.step}",
+                fingerprint=key_fingerprint, lease_seconds=step.lease_seconds,
+            )
+            if new.claimed is not None:
+                step_run.input.status = InputStatus.RUNNING  # the claim's statement moved it
+                return new.claimed
         return guard.claim(
             scope=STEP_SCOPE,
             key=step_run.idempotency_key,
             operation=f"step:{step_run.step}",
-            fingerprint=step_fingerprint(pipeline=step_run.input.pipeline, step=step_run.step, payload=step_run.input.payload, outputs=outputs),
+            fingerprint=key_fingerprint,
             lease_seconds=step.lease_seconds,
             max_attempts=step.policy.max_attempts,
             now=now,
@@ -269,21 +325,36 @@ def _step_run_complete(*, step_run: StepRun, step: Step, attempt: Attempt, outpu
                 # conditional UPDATE refuses this completion and marks the attempt FENCED.
                 return
             raise StepNoLongerRunningError(f"step run {step_run.pk} left RUNNING while attempt #{attempt.number} held its key")
+        ack_id = delivery_ack_id()
+        if ack_id is not None:
+            # The delivered task's own queue row goes with the completion (pipeline_ops.delivery).
+            OrmQ.objects.filter(pk=ack_id).delete()
         queued = step_run_queue_next(step_run=step_run, now=now)
         if queued is None or step_run.input.status != InputStatus.RUNNING:
             # The last step (or an unusual chain) may change the input; a middle step of a
             # running input leaves it RUNNING, so the roll-up's two queries are skipped.
             input_roll_up(input_id=step_run.input_id, now=now)
 
+    def complete() -> guard.Completion:
+        if _one_statement_path():
+            return hotpath_postgresql.step_complete(
+                step_run=step_run, attempt=attempt, output=output, details=details or None,
+                next_step_id=step_run.next_step_id, input_running=step_run.input.status == InputStatus.RUNNING,
+                ack_id=delivery_ack_id(), now=now,
+            )
+        return guard.complete(attempt=attempt, result=output, write=write, details=details or None)
+
     try:
         # The paid answer is kept through a database restart: the completion is retried with
         # backoff (fenced by the attempt number; a first commit that landed unseen is recognised
         # as "already completed by this attempt").
         completion = _retry_platform(
-            lambda: guard.complete(attempt=attempt, result=output, write=write, details=details or None),
+            complete,
             what=f"completion of {step_run.idempotency_key} #{attempt.number}",
             seconds=settings.PIPELINE_OPS_COMPLETION_RETRY_SECONDS,
         )
+    except hotpath_postgresql.StepLeftRunningError as exc:
+        return _step_run_after_error(step_run=step_run, step=step, attempt=attempt, error=exc, details=details, policy=NO_RETRY)
     except Exception as exc:
         if is_infrastructure_error(exc):
             # Out of time: whether the first commit landed is unknown to us; the key decides.
