@@ -23,7 +23,7 @@ import threading
 from pathlib import Path
 
 import pytest
-from django.db import connection, connections
+from django.db import connection, connections, transaction
 
 from idempotency.models import Attempt, IdempotencyRecord
 from idempotency.states import AttemptStatus, RecordStatus
@@ -244,6 +244,38 @@ class ClaimPausedAfterItsStepLock:
         self._go_on.set()
 
 
+class NewKeyClaimWaitingForItsInput:
+    """A worker's one-statement claim of a new key (``hotpath_postgresql.step_claim_new``) that
+    holds its step's row lock and waits for its input's, which the test holds until ``go_on()``:
+    the database's own lock order puts the claim exactly between its two locks, with no hook
+    in the product's code."""
+
+    def __init__(self, input_id, step_run_id: int):
+        self._locked, self._go_on = threading.Event(), threading.Event()
+        self._holder = threading.Thread(target=self._hold, args=(input_id,), daemon=True)
+        self._holder.start()
+        assert self._locked.wait(60), "the test never locked the input"
+        self.worker = StepThread(step_run_id)
+        self.worker.start()
+        wait_for(
+            lambda: _a_lock_is_waited_for("%WITH step AS%input_lock%"), timeout=60,
+            message="the claim holding its step and waiting for its input",
+        )
+
+    def _hold(self, input_id) -> None:
+        try:
+            with transaction.atomic():
+                list(PipelineInput.objects.select_for_update(no_key=True).filter(pk=input_id).values_list("pk", flat=True))
+                self._locked.set()
+                assert self._go_on.wait(60), "the test never let the claim go on"
+        finally:
+            connection.close()
+
+    def go_on(self) -> None:
+        self._go_on.set()
+        self._holder.join(60)
+
+
 class OperatorThread(threading.Thread):
     """An operator's action in a thread and connection of its own; ``pid`` is its backend."""
 
@@ -273,12 +305,12 @@ class OperatorThread(threading.Thread):
         return self.result
 
 
-def test_operator_cancel_and_claiming_worker_both_finish_when_lined_up(counted_step, monkeypatch):
+def test_operator_cancel_and_claiming_worker_both_finish_when_lined_up(counted_step):
     """The claim holds the step and is about to lock the input; the operator's cancel starts
     then. In the one lock order the cancel waits for the step; locking the input first (as the
     console's cancel once did) deadlocked, and PostgreSQL aborted the operator's cancel."""
     pipeline_input, step_run, calls, gate = counted_step(gated=True)
-    claim = ClaimPausedAfterItsStepLock(monkeypatch, step_run.pk)
+    claim = NewKeyClaimWaitingForItsInput(pipeline_input.pk, step_run.pk)
     operator = OperatorThread(lambda: inputs_cancel(inputs=[pipeline_input], actor=None, reason="customer withdrew it", source="cli"))
     operator.start()
     wait_for(operator.waits_on_a_lock, timeout=60, message="the cancel waiting on a row lock")
@@ -349,11 +381,16 @@ def test_operator_retry_and_claiming_worker_both_finish_when_lined_up(fails_firs
 
 def _a_step_lock_is_waited_for() -> bool:
     """Some backend waits on a row lock while locking step runs (the claim's first lock)."""
+    return _a_lock_is_waited_for("%pipeline_ops_steprun%FOR NO KEY UPDATE%")
+
+
+def _a_lock_is_waited_for(query_like: str) -> bool:
+    """Some backend of this database waits on a lock while running a statement like ``query_like``."""
     with connection.cursor() as cursor:
         cursor.execute(
             "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'"
             " AND query ILIKE %s",
-            ["%pipeline_ops_steprun%FOR NO KEY UPDATE%"],
+            [query_like],
         )
         return cursor.fetchone()[0] > 0
 

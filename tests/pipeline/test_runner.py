@@ -241,16 +241,17 @@ def test_queued_step_never_runs_when_input_is_cancelled_before_it_starts():
 def test_claim_is_rolled_back_when_input_is_cancelled_between_read_and_claim(monkeypatch):
     """The runner reads the step as QUEUED, then an operator cancels, then the runner claims: the
     step's RUNNING move fails inside the claim's transaction, so no attempt and no record remain."""
-    from idempotency import guard
+    from pipeline_ops.services import steps as steps_service
 
     pipeline_input = submit()
-    real_claim = guard.claim
+    real_read = steps_service._step_run_read
 
-    def claim_after_a_cancel(**kwargs):
+    def read_then_a_cancel(**kwargs):
+        step_run = real_read(**kwargs)
         input_cancel(pipeline_input=pipeline_input)
-        return real_claim(**kwargs)
+        return step_run
 
-    monkeypatch.setattr(guard, "claim", claim_after_a_cancel)
+    monkeypatch.setattr(steps_service, "_step_run_read", read_then_a_cancel)
     first = StepRun.objects.get(input=pipeline_input, position=0)
 
     assert step_run_execute_task(first.pk) == Outcome.CANCELLED
