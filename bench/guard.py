@@ -22,8 +22,11 @@ statement; a write in autocommit counts as its own commit), cross-checked on Pos
 its settings once per process); the parent prints the settings, the table, then one line per
 figure: ``RATIO guard.pg.guarded/two-commit-cap <v>``, ``RATIO guard.<db>.guarded/bare-one-commit <v>``
 (db: pg, sqlite) and, for reference, ``RATIO guard.pg.two-commit-cap/bare-one-commit <v>``.
+With ``--clients N`` (N > 1) N forked client processes run each side together, started at a
+barrier, a side's rate being all their operations over the wall time from the first start to the
+last end; the names then read ``guard.pg-Nclients....``.
 
-    .venv/bin/python bench/guard.py [--n 500] [--rounds 9] [--only sqlite,pg]
+    .venv/bin/python bench/guard.py [--n 500] [--rounds 9] [--clients 1] [--only sqlite,pg]
         [--database-url postgres://postgres@127.0.0.1:5432/postgres]
 
 On SQLite with synchronous=NORMAL a commit does not wait for a flush: the raw two-commit loop there
@@ -83,37 +86,27 @@ class Counter:
         self._in_tx = False
 
 
-def child(args) -> None:
-    import django
-
-    django.setup()
-    from django.conf import settings
-    from django.core.management import call_command
+def make_sides(tag: str) -> dict:
+    """The three sides on this process's Django connection; ``tag`` keeps keys apart between clients."""
     from django.db import connection
 
     from idempotency import guard
     from idempotency.fingerprint import fingerprint
     from tests.testapp.models import Receipt
 
-    call_command("migrate", verbosity=0)
-    vendor = connection.vendor
     fp = fingerprint({"amount": 5})
-
     connection.ensure_connection()
     raw = connection.connection  # the driver's connection Django uses, in autocommit here
-    mark = "%s" if vendor == "postgresql" else "?"
-    with connection.cursor() as cursor:
-        pk = "BIGSERIAL PRIMARY KEY" if vendor == "postgresql" else "INTEGER PRIMARY KEY AUTOINCREMENT"
-        cursor.execute(f"CREATE TABLE IF NOT EXISTS {CAP_TABLE} (id {pk}, key VARCHAR(255) NOT NULL UNIQUE, "
-                       f"status SMALLINT NOT NULL)")
+    mark = "%s" if connection.vendor == "postgresql" else "?"
     insert_sql = f"INSERT INTO {CAP_TABLE} (key, status) VALUES ({mark}, 0) RETURNING id"
     update_sql = f"UPDATE {CAP_TABLE} SET status = 1 WHERE id = {mark}"
+    cap_cursor = raw.cursor()
 
-    def bare(tag: str, i: int) -> None:
-        Receipt.objects.create(key=f"bare-{tag}-{i}", amount=5, attempt_number=1)
+    def bare(r: str, i: int) -> None:
+        Receipt.objects.create(key=f"bare-{tag}-{r}-{i}", amount=5, attempt_number=1)
 
-    def guarded(tag: str, i: int) -> None:
-        key = f"guarded-{tag}-{i}"
+    def guarded(r: str, i: int) -> None:
+        key = f"guarded-{tag}-{r}-{i}"
         outcome = guard.claim(scope="bench", key=key, operation="charge", fingerprint=fp)
         attempt = outcome.attempt
         done = guard.complete(
@@ -122,29 +115,68 @@ def child(args) -> None:
         )
         assert not done.fenced
 
-    cap_cursor = raw.cursor()
-
-    def two_commit(tag: str, i: int) -> None:
+    def two_commit(r: str, i: int) -> None:
         # Autocommit: each statement is its own transaction, committed (and on PostgreSQL flushed)
         # before the server answers.
-        cap_cursor.execute(insert_sql, (f"cap-{tag}-{i}",))
+        cap_cursor.execute(insert_sql, (f"cap-{tag}-{r}-{i}",))
         row_id = cap_cursor.fetchone()[0]
         cap_cursor.execute(update_sql, (row_id,))
 
-    sides = {"bare-one-commit": bare, "guarded": guarded, "two-commit-cap": two_commit}
-
-    def rate(fn, tag: str, n: int) -> float:
-        start = time.perf_counter()
-        for i in range(n):
-            fn(tag, i)
-        return n / (time.perf_counter() - start)
-
     assert connection.get_autocommit() and not connection.in_atomic_block
+    return {"bare-one-commit": bare, "guarded": guarded, "two-commit-cap": two_commit}
+
+
+def timed(fn, r: str, n: int) -> tuple[float, float]:
+    start = time.perf_counter()  # CLOCK_MONOTONIC: comparable between processes
+    for i in range(n):
+        fn(r, i)
+    return start, time.perf_counter()
+
+
+def client_loop(index: int, args, barrier, results) -> None:
+    """One of ``--clients`` forked clients: every side starts at a barrier, all clients together."""
+    from django.db import connection
+
+    sides = make_sides(f"c{index}")
+    for fn in sides.values():
+        timed(fn, "warm", 20)
+    spans = []
+    for r in range(args.rounds):
+        for name in order(SIDES, r):
+            barrier.wait()
+            spans.append((r, name, *timed(sides[name], f"r{r}", args.n)))
+    connection.close()
+    results.put(spans)
+
+
+def child(args) -> None:
+    import django
+
+    django.setup()
+    from django.conf import settings
+    from django.core.management import call_command
+    from django.db import connection, connections
+
+    call_command("migrate", verbosity=0)
+    vendor = connection.vendor
+    with connection.cursor() as cursor:
+        pk = "BIGSERIAL PRIMARY KEY" if vendor == "postgresql" else "INTEGER PRIMARY KEY AUTOINCREMENT"
+        cursor.execute(f"CREATE TABLE IF NOT EXISTS {CAP_TABLE} (id {pk}, key VARCHAR(255) NOT NULL UNIQUE, "
+                       f"status SMALLINT NOT NULL)")
+
+    sides = make_sides("main")
+    raw = connection.connection
+
+    def rate(fn, r: str, n: int) -> float:
+        start, end = timed(fn, r, n)
+        return n / (end - start)
+
     # Warm up connections, caches and the query compiler.
-    for name, fn in sides.items():
+    for fn in sides.values():
         rate(fn, "warm", 50)
 
     # Count commits and round trips on a separate, small sample.
+    guarded = sides["guarded"]
     counter = Counter(connection)
     real_commit, real_rollback = connection.commit, connection.rollback
     connection.commit = lambda: (counter.committed(), real_commit())[1]
@@ -157,10 +189,31 @@ def child(args) -> None:
     connection.commit, connection.rollback = real_commit, real_rollback
 
     per_round = {name: [] for name in SIDES}
-    for r in range(args.rounds):
-        for name in order(SIDES, r):
-            per_round[name].append(rate(sides[name], f"r{r}", args.n))
-    cap_cursor.close()
+    if args.clients == 1:
+        for r in range(args.rounds):
+            for name in order(SIDES, r):
+                per_round[name].append(rate(sides[name], f"r{r}", args.n))
+    else:
+        import multiprocessing
+
+        connections.close_all()  # each forked client opens its own connection
+        ctx = multiprocessing.get_context("fork")
+        barrier, results = ctx.Barrier(args.clients), ctx.Queue()
+        procs = [ctx.Process(target=client_loop, args=(i, args, barrier, results)) for i in range(args.clients)]
+        for proc in procs:
+            proc.start()
+        spans = [span for _ in procs for span in results.get(timeout=3600)]
+        for proc in procs:
+            proc.join()
+            if proc.exitcode:
+                raise SystemExit(f"a client exited with {proc.exitcode}")
+        # A side's rate in a round: all clients' operations over the wall time from the first
+        # client's start to the last client's end.
+        for r in range(args.rounds):
+            for name in SIDES:
+                mine = [(start, end) for rr, nn, start, end in spans if rr == r and nn == name]
+                wall = max(e for _, e in mine) - min(s for s, _ in mine)
+                per_round[name].append(args.clients * args.n / wall)
 
     db = settings.DATABASES["default"]
     described = {"ENGINE": db["ENGINE"], "CONN_MAX_AGE": db.get("CONN_MAX_AGE"),
@@ -175,7 +228,9 @@ def child(args) -> None:
         import sqlite3
 
         described["server"] = f"SQLite {sqlite3.sqlite_version}"
-    described["driver cursor"] = f"{type(raw).__module__}.{type(raw).__name__} / {type(raw.cursor()).__name__}"
+    connection.ensure_connection()
+    raw = connection.connection
+    described["driver"] = f"{type(raw).__module__}.{type(raw).__name__}, cursor {type(raw.cursor()).__name__}"
     described["IDEMPOTENCY"] = dict(settings.IDEMPOTENCY)
 
     print(json.dumps({
@@ -210,7 +265,7 @@ def run_child(database_url: str, args) -> dict:
         "CONN_MAX_AGE": "600",
     }
     done = subprocess.run(
-        [sys.executable, __file__, "--child", "--n", str(args.n), "--rounds", str(args.rounds)],
+        [sys.executable, __file__, "--child", "--n", str(args.n), "--rounds", str(args.rounds), "--clients", str(args.clients)],
         env=env, cwd=ROOT, capture_output=True, text=True,
     )
     if done.returncode != 0:
@@ -223,13 +278,15 @@ def main() -> int:
     parser.add_argument("--n", type=int, default=500, help="Operations per side per round (default 500).")
     parser.add_argument("--rounds", type=rounds_type, default=9,
                         help="Interleaved rounds, at least 3 (default 9); figures are medians of the rounds.")
+    parser.add_argument("--clients", type=int, default=1,
+                        help="Client processes running each side together, started at a barrier (default 1).")
     parser.add_argument("--only", default="sqlite,pg", help="Comma-separated databases to measure: sqlite, pg.")
     parser.add_argument("--database-url", default="postgres://postgres@127.0.0.1:5432/postgres",
                         help="PostgreSQL server to create the scratch database on.")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.n < 1:
-        parser.error("--n must be at least 1")
+    if args.n < 1 or args.clients < 1:
+        parser.error("--n and --clients must be at least 1")
     if args.child:
         child(args)
         return 0
@@ -248,7 +305,8 @@ def main() -> int:
             results["pg"] = run_child(url, args)
 
     print_command(f"bench/guard.py: {args.rounds} interleaved rounds x {args.n} operations per side "
-                  f"(order rotates: {', '.join(SIDES)}), 1 client")
+                  f"(order rotates: {', '.join(SIDES)}), {args.clients} client(s)"
+                  + (" started together at a barrier; a side's rate is all clients' ops over the wall time" if args.clients > 1 else ""))
     for db, r in results.items():
         print_settings(f"{db}, all sides (one Django connection)", r["settings"])
         print_settings(f"{db}, sides", {
@@ -273,11 +331,12 @@ def main() -> int:
         pg = "-" if r["pg_xact_commit_per_op"] is None else f"{r['pg_xact_commit_per_op']:.3f}"
         print(f"{db:<9}{median(bare):>12.0f}{median(guarded):>15.0f}{median(cap):>14.0f}{g_cap:>8.2f}{g_bare:>8.2f}"
               f"{cap_bare:>10.2f}{r['commits_per_op']:>12.2f}{r['round_trips_per_op']:>16.2f}{pg:>19}")
+        name = db if args.clients == 1 else f"{db}-{args.clients}clients"
         if db == "pg":
-            ratios[f"guard.{db}.guarded/two-commit-cap"] = g_cap
-        ratios[f"guard.{db}.guarded/bare-one-commit"] = g_bare
+            ratios[f"guard.{name}.guarded/two-commit-cap"] = g_cap
+        ratios[f"guard.{name}.guarded/bare-one-commit"] = g_bare
         if db == "pg":
-            ratios[f"guard.{db}.two-commit-cap/bare-one-commit"] = cap_bare
+            ratios[f"guard.{name}.two-commit-cap/bare-one-commit"] = cap_bare
         worst = max(worst, r["commits_per_op"], r["pg_xact_commit_per_op"] or 0)
     for db, r in results.items():
         for side in SIDES:
