@@ -36,11 +36,13 @@ test-sqlite: setup
 test-postgres: setup
 	DATABASE_URL=$(TEST_DATABASE_URL) $(PY) -m pytest $(PYTEST_ARGS)
 
-## bench: the benchmarks (not tests); each prints ratios against a baseline measured in the same run
+## bench: the benchmarks (not tests); each runs its baselines interleaved with the candidate in the
+## same run and ends with one `RATIO <name> <value>` line per figure
 bench: setup
-	$(PY) bench/guard.py
-	$(PY) bench/pipeline_throughput.py
-	$(PY) bench/api.py
+	$(PY) bench/guard.py --database-url $(TEST_DATABASE_URL)
+	$(PY) bench/guard.py --clients 4 --only pg --database-url $(TEST_DATABASE_URL)
+	$(PY) bench/pipeline_throughput.py --pg-url $(TEST_DATABASE_URL)
+	$(PY) bench/api.py --database-url $(TEST_DATABASE_URL)
 	$(PY) bench/submit.py --database-url $(TEST_DATABASE_URL)
 
 ## chaos: the incident replayed on real workers (PostgreSQL, 2 clusters), guarded vs the naive control group

@@ -26,8 +26,11 @@ def scratch_database(url: str, *, name: str, script: str) -> Iterator[str]:
         os.environ["DATABASE_URL"] = scratch_url
         yield scratch_url
     finally:
-        from django.db import connections
+        from django.conf import settings
 
-        connections.close_all()
+        if settings.configured:  # a parent that never set Django up holds no connection to close
+            from django.db import connections
+
+            connections.close_all()
         with psycopg.connect(**admin_dsn, autocommit=True) as conn:
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
