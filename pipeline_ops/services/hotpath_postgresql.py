@@ -112,7 +112,8 @@ def step_complete(
     guard's fenced UPDATEs), the output stored, the step SUCCEEDED, the next step QUEUED with its
     queue row (on the ORM table), and the delivered task's own queue row deleted (the ack), all
     in one statement. A middle step of a running input needs nothing else and is autocommitted;
-    the last step (or an input not RUNNING) rolls the input up in the same transaction.
+    the last step (or an input not RUNNING) rolls the input up in the same transaction: in the
+    statement itself when every other step succeeded, else with ``input_roll_up``.
 
     Fenced or refused: nothing is written and the guard says why (``guard.completion_refused``).
     Raises StepLeftRunningError (nothing written) when the attempt held the key but the step had
@@ -143,8 +144,15 @@ def step_complete(
         f"queued AS (UPDATE {steps} SET status = %s, enqueued_at = statement_timestamp(), updated_at = %s "
         f"WHERE id = %s AND status = %s AND EXISTS (SELECT 1 FROM done) RETURNING id), "
         f"sent AS (INSERT INTO {queue} (key, payload, lock) SELECT %s, %s, statement_timestamp() FROM queued WHERE %s RETURNING 1), "
-        f"acked AS (DELETE FROM {queue} WHERE id = %s AND EXISTS (SELECT 1 FROM done) RETURNING 1) "
-        f"SELECT (SELECT count(*) FROM held), (SELECT count(*) FROM done), (SELECT count(*) FROM queued)"
+        f"acked AS (DELETE FROM {queue} WHERE id = %s AND EXISTS (SELECT 1 FROM done) RETURNING 1), "
+        # The last step of a chain whose other steps all succeeded (they cannot move any more:
+        # nothing leaves SUCCEEDED) makes the input SUCCEEDED; any other shape is rolled up by
+        # ``input_roll_up`` in the same transaction.
+        f"rolled AS (UPDATE {inputs} SET status = %s, finished_at = %s, updated_at = %s "
+        f"WHERE id = %s AND %s AND status IN ({_in(_INPUT_ROLLS_UP_FROM)}) AND EXISTS (SELECT 1 FROM done) "
+        f"AND NOT EXISTS (SELECT 1 FROM {steps} WHERE input_id = %s AND id <> %s AND status <> %s) RETURNING 1) "
+        f"SELECT (SELECT count(*) FROM held), (SELECT count(*) FROM done), (SELECT count(*) FROM queued), "
+        f"(SELECT count(*) FROM rolled)"
     )
     at = prep.adapt_datetimefield_value(now)
     params = [
@@ -158,9 +166,11 @@ def step_complete(
         StepStatus.QUEUED, at, next_step_id, StepStatus.PENDING,
         queue_key, payload, queue_key is not None,
         ack_id,
+        InputStatus.SUCCEEDED, at, at, input_id, next_step_id is None, *_INPUT_ROLLS_UP_FROM,
+        input_id, step_run.pk, StepStatus.SUCCEEDED,
     ]
 
-    def run() -> tuple[int, int, int]:
+    def run() -> tuple[int, int, int, int]:
         with connection.cursor() as cursor:
             cursor.execute(sql, params)
             return cursor.fetchone()
@@ -168,12 +178,12 @@ def step_complete(
     try:
         if roll_up:
             with transaction.atomic(using=connection.alias):
-                held, done, queued = run()
-                if held and done:
+                held, done, queued, rolled = run()
+                if held and done and not rolled:
                     input_roll_up(input_id=step_run.input_id, now=now)
                 _after(held=held, done=done, queued=queued, next_step_id=next_step_id, on_orm_table=on_orm_table)
         else:
-            held, done, queued = run()
+            held, done, queued, _ = run()
             _after(held=held, done=done, queued=queued, next_step_id=next_step_id, on_orm_table=on_orm_table)
     except StepLeftRunningError:
         raise
@@ -200,3 +210,70 @@ def _after(*, held: int, done: int, queued: int, next_step_id: int | None, on_or
         from ..queueing import step_run_enqueue
 
         step_run_enqueue(step_run_id=next_step_id)
+
+
+# --- the read ----------------------------------------------------------------------------------
+
+_READ: dict[str, tuple] = {}
+
+
+def _read_statement(connection) -> tuple:
+    """The read's SQL and each column's model field and converters, built once per connection
+    vendor (the text never changes; the ORM would compile it on every step)."""
+    if connection.alias in _READ:
+        return _READ[connection.alias]
+    steps, inputs, outputs = _table(StepRun), _table(PipelineInput), _table(StepOutput)
+    step_fields = [f for f in StepRun._meta.concrete_fields]
+    input_fields = [f for f in PipelineInput._meta.concrete_fields]
+    columns = [f"s.{_qn(f.column)}" for f in step_fields] + [f"i.{_qn(f.column)}" for f in input_fields]
+    sql = (
+        f"SELECT {', '.join(columns)}, "
+        f"(SELECT json_object_agg(o.step, o.output) FROM {outputs} o JOIN {steps} p ON p.id = o.step_run_id "
+        f"WHERE o.input_id = s.input_id AND p.position < s.position), "
+        f"(SELECT n.id FROM {steps} n WHERE n.input_id = s.input_id AND n.position = s.position + 1) "
+        f"FROM {steps} s JOIN {inputs} i ON i.id = s.input_id WHERE s.id = %s"
+    )
+
+    def converters(model, fields, alias):
+        return [
+            f.get_db_converters(connection) + connection.ops.get_db_converters(f.get_col(alias)) for f in fields
+        ]
+
+    _READ[connection.alias] = (
+        sql, [f.attname for f in step_fields], [f.attname for f in input_fields],
+        converters(StepRun, step_fields, "s"), converters(PipelineInput, input_fields, "i"),
+        step_fields, input_fields,
+    )
+    return _READ[connection.alias]
+
+
+def step_read(*, step_run_id: int) -> StepRun | None:
+    """The step run with its input, ``earlier_outputs`` ({step: output} of the steps before it)
+    and ``next_step_id``, in one statement of fixed text."""
+    import json
+
+    connection = connections[router.db_for_write(StepRun)]
+    sql, step_names, input_names, step_conv, input_conv, step_fields, input_fields = _read_statement(connection)
+    with connection.cursor() as cursor:
+        cursor.execute(sql, [step_run_id])
+        row = cursor.fetchone()
+    if row is None:
+        return None
+
+    def convert(values, fields, conv):
+        out = []
+        for value, field, funcs in zip(values, fields, conv):
+            for func in funcs:
+                value = func(value, field.get_col(field.model._meta.db_table), connection)
+            out.append(value)
+        return out
+
+    n_step = len(step_names)
+    step_run = StepRun.from_db(connection.alias, step_names, convert(row[:n_step], step_fields, step_conv))
+    pipeline_input = PipelineInput.from_db(
+        connection.alias, input_names, convert(row[n_step:n_step + len(input_names)], input_fields, input_conv)
+    )
+    StepRun.input.field.set_cached_value(step_run, pipeline_input)
+    raw_outputs, step_run.next_step_id = row[-2], row[-1]
+    step_run.earlier_outputs = (json.loads(raw_outputs) if isinstance(raw_outputs, str) else raw_outputs) or {}
+    return step_run

@@ -156,6 +156,8 @@ _EARLIER_OUTPUTS_SQL = {
 def _step_run_read(*, step_run_id: int) -> StepRun | None:
     """The step run, its input, the outputs of the steps before it (``earlier_outputs``) and the
     id of the step after it (``next_step_id``), in one statement."""
+    if _one_statement_path():
+        return hotpath_postgresql.step_read(step_run_id=step_run_id)
     table = StepRun._meta.db_table
     aggregate = _EARLIER_OUTPUTS_SQL.get(connections[router.db_for_write(StepRun)].vendor)
     rows = StepRun.objects.select_related("input").filter(pk=step_run_id).annotate(
