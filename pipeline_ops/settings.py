@@ -167,7 +167,6 @@ PIPELINE_OPS_BULK_THRESHOLD = env_int("PIPELINE_OPS_BULK_THRESHOLD", 200)
 PIPELINE_OPS_BULK_SLICE = env_int("PIPELINE_OPS_BULK_SLICE", 500)
 # A background action whose row did not move for this long (its task was lost) is re-sent.
 PIPELINE_OPS_BULK_STALL_SECONDS = env_int("PIPELINE_OPS_BULK_STALL_SECONDS", 600)
-PIPELINE_OPS_BROKER = os.environ.get("PIPELINE_OPS_BROKER", "orm").lower()
 REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
 _q_workers = env_int("Q_WORKERS", 2)
 Q_CLUSTER = {
@@ -193,13 +192,28 @@ Q_CLUSTER = {
     "log_level": os.environ.get("Q_LOG_LEVEL", "WARNING"),
     "label": "Task queue (delivery only)",
 }
+# The broker (docs/queue.md): "postgres" (the default on PostgreSQL) is pipeline-ops' own broker
+# over django-q2's ORM table, dequeuing with FOR UPDATE SKIP LOCKED and waking on LISTEN/NOTIFY;
+# "orm" is django-q2's ORM broker (the default on SQLite); "redis" is django-q2's Redis broker.
+# Both table brokers use the models' alias, so an enqueue joins the caller's transaction (an outbox).
+PIPELINE_OPS_BROKER = os.environ.get("PIPELINE_OPS_BROKER", "orm" if DATABASE_IS_SQLITE else "postgres").strip().lower()
 if PIPELINE_OPS_BROKER == "redis":
     Q_CLUSTER["redis"] = REDIS_URL
 elif PIPELINE_OPS_BROKER == "orm":
-    # Same alias as our models: an enqueue joins the caller's transaction (a free outbox).
     Q_CLUSTER["orm"] = "default"
+elif PIPELINE_OPS_BROKER == "postgres":
+    if DATABASE_IS_SQLITE:
+        raise ImproperlyConfigured(
+            "PIPELINE_OPS_BROKER=postgres needs a PostgreSQL DATABASE_URL (it dequeues with FOR UPDATE SKIP LOCKED "
+            "and wakes on LISTEN/NOTIFY); on SQLite use PIPELINE_OPS_BROKER=orm."
+        )
+    # "orm" too: django-q2's admin shows the queued rows, and the broker writes through this alias.
+    Q_CLUSTER["orm"] = "default"
+    Q_CLUSTER["broker_class"] = "pipeline_ops.pg_broker.PostgresBroker"
 else:
-    raise ImproperlyConfigured(f"PIPELINE_OPS_BROKER must be 'orm' or 'redis', not {PIPELINE_OPS_BROKER!r}.")
+    raise ImproperlyConfigured(
+        f"PIPELINE_OPS_BROKER must be 'postgres', 'orm' or 'redis', not {PIPELINE_OPS_BROKER!r}."
+    )
 
 # Cluster heartbeats (django-q2 Stat, one write per cluster every 0.5 s, 3 s expiry). With Redis
 # they live in Redis; with the ORM broker they go to this cache, which must be shared by the
