@@ -200,7 +200,7 @@ def test_pipeline_status_prints_a_readable_summary_when_not_json(world):
     assert "inputs     pending" in out
     assert "ops_boom" in out and "100.0%" in out
     assert "fenced late writes (duplicates prevented) 1" in out
-    assert "queue      orm: ready" in out
+    assert f"queue      {settings.PIPELINE_OPS_BROKER}: ready" in out
 
 
 def test_pipeline_status_refuses_when_window_is_not_positive():

@@ -296,3 +296,48 @@ def test_dequeue_survives_terminated_backend(broker):
             cursor.execute("SELECT pg_terminate_backend(%s)", [pid])
     assert producer.dequeue() is None  # logged, the connection dropped, no exception for the pusher
     assert producer.dequeue() == [(ack_id, "after-blip")]
+
+
+SKEWED_DEQUEUER = """
+import json, time, django
+django.setup()
+from django.db import connection
+from django_q.conf import Conf
+from pipeline_ops.pg_broker import PostgresBroker
+Conf.BULK, Conf.RETRY, Conf.POLL = 10, 600, 0.05
+with connection.cursor() as cursor:
+    cursor.execute("SELECT extract(epoch FROM statement_timestamp())")
+    ahead = time.time() - float(cursor.fetchone()[0])
+broker = PostgresBroker(list_key={queue!r})
+got = []
+for _ in range(5):
+    got += [payload for _, payload in broker.dequeue() or []]
+broker.close()
+print("SKEW " + json.dumps({{"ahead": ahead, "got": got}}))
+"""
+
+
+def test_dequeuer_whose_clock_runs_an_hour_ahead_takes_due_rows_and_never_live_ones(broker):
+    from tests.pipeline.test_db_faults import FAKETIME_LIB, ROOT
+
+    assert FAKETIME_LIB.exists(), "libfaketime is missing: `make browser` installs it"
+    queue = _queue("skew")
+    producer = broker(queue)
+    producer.enqueue_many(["live-1", "live-2"])
+    assert len(producer.dequeue()) == 2  # held by a healthy worker: locked for 600 s on the database's clock
+    producer.enqueue("due-1")
+    settings_dict = connection.settings_dict
+    url = (f"postgres://{settings_dict['USER'] or 'postgres'}@{settings_dict['HOST'] or '127.0.0.1'}:"
+           f"{settings_dict['PORT'] or 5432}/{settings_dict['NAME']}")
+    env = {**os.environ, "DJANGO_SETTINGS_MODULE": "tests.settings", "DATABASE_URL": url, "PYTHONPATH": str(ROOT),
+           "LD_PRELOAD": str(FAKETIME_LIB), "FAKETIME": "+3600s", "FAKETIME_DONT_RESET": "1"}
+    import json
+    import subprocess
+    import sys
+
+    child = subprocess.run([sys.executable, "-c", SKEWED_DEQUEUER.format(queue=queue)], cwd=ROOT, env=env,
+                           capture_output=True, text=True, timeout=300)
+    lines = [json.loads(line[5:]) for line in child.stdout.splitlines() if line.startswith("SKEW ")]
+    assert child.returncode == 0 and lines, child.stderr[-3000:]
+    assert lines[0]["ahead"] > 3000  # its clock really was an hour off
+    assert lines[0]["got"] == ["due-1"]  # django-q2's ORM broker (the host's clock) takes live-1 and live-2 too
