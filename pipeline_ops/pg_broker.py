@@ -55,10 +55,15 @@ def notify_channel(queue: str) -> str:
     return "django_q_" + hashlib.md5(queue.encode()).hexdigest()
 
 
+def _db():
+    """The database alias of the queue table: ``Q_CLUSTER["orm"]``, the models' alias (settings)."""
+    return connections[Conf.ORM or "default"]
+
+
 def _table() -> str:
     from django_q.models import OrmQ
 
-    return connections[Conf.ORM].ops.quote_name(OrmQ._meta.db_table)
+    return _db().ops.quote_name(OrmQ._meta.db_table)
 
 
 def enqueue_sql(*, rows: int = 1) -> str:
@@ -96,12 +101,12 @@ class PostgresBroker(ORM):
         self._listener = None
         self._listener_pid = None
         self._listener_retry_at = 0.0
-        connection = connections[Conf.ORM]
+        connection = _db()
         if connection.vendor != "postgresql":
             from django.core.exceptions import ImproperlyConfigured
 
             raise ImproperlyConfigured(
-                f"The postgres broker needs a PostgreSQL database; Q_CLUSTER['orm'] = {Conf.ORM!r} is {connection.vendor}."
+                f"The postgres broker needs a PostgreSQL database; Q_CLUSTER['orm'] = {connection.alias!r} is {connection.vendor}."
             )
 
     def __setstate__(self, state):
@@ -114,7 +119,7 @@ class PostgresBroker(ORM):
 
     def info(self) -> str:
         if not self._info:
-            self._info = f"PostgreSQL {Conf.ORM} (SKIP LOCKED, LISTEN/NOTIFY)"
+            self._info = f"PostgreSQL {_db().alias} (SKIP LOCKED, LISTEN/NOTIFY)"
         return self._info
 
     # --- enqueue ---------------------------------------------------------------------------
@@ -122,7 +127,7 @@ class PostgresBroker(ORM):
         """One INSERT ... RETURNING with the NOTIFY in the same statement; it joins the caller's
         transaction when there is one (the notification then fires at its commit)."""
         key = self.list_key or Conf.CLUSTER_NAME
-        with connections[Conf.ORM].cursor() as cursor:
+        with _db().cursor() as cursor:
             cursor.execute(enqueue_sql(rows=1), [key, task, notify_channel(key)])
             return cursor.fetchone()[0]
 
@@ -134,7 +139,7 @@ class PostgresBroker(ORM):
         params: list = []
         for package in packages:
             params += [key, package]
-        with connections[Conf.ORM].cursor() as cursor:
+        with _db().cursor() as cursor:
             cursor.execute(enqueue_sql(rows=len(packages)), [*params, notify_channel(key)])
             return [row[0] for row in cursor.fetchall()]
 
@@ -160,13 +165,13 @@ class PostgresBroker(ORM):
         return None
 
     def _take(self) -> list[tuple[int, str]]:
-        with connections[Conf.ORM].cursor() as cursor:
+        with _db().cursor() as cursor:
             cursor.execute(dequeue_sql(), [float(Conf.RETRY), self.list_key, int(Conf.BULK or 1)])
             return [(row[0], row[1]) for row in cursor.fetchall()]
 
     @staticmethod
     def _drop_django_connection() -> None:
-        connection = connections[Conf.ORM]
+        connection = _db()
         if connection.in_atomic_block:
             return  # the caller's transaction: theirs to roll back (tests' in-process drains)
         try:
@@ -220,7 +225,7 @@ class PostgresBroker(ORM):
         import psycopg
         from psycopg import sql
 
-        params = connections[Conf.ORM].get_connection_params()
+        params = _db().get_connection_params()
         params.pop("cursor_factory", None)
         params.pop("context", None)
         params.pop("server_side_binding", None)
@@ -257,7 +262,7 @@ class PostgresBroker(ORM):
         self.delete(task_id)
 
     def delete(self, task_id):
-        with connections[Conf.ORM].cursor() as cursor:
+        with _db().cursor() as cursor:
             cursor.execute(f"DELETE FROM {_table()} WHERE id = %s", [task_id])
 
     def queue_size(self) -> int:
@@ -267,6 +272,6 @@ class PostgresBroker(ORM):
         return self._count(">")
 
     def _count(self, op: str) -> int:
-        with connections[Conf.ORM].cursor() as cursor:
+        with _db().cursor() as cursor:
             cursor.execute(f"SELECT count(*) FROM {_table()} WHERE key = %s AND lock {op} statement_timestamp()", [self.list_key])
             return cursor.fetchone()[0]
