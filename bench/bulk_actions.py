@@ -40,6 +40,8 @@ def main() -> int:
     parser.add_argument("--k", type=int, default=500, help="Targets of the interleaved foreground/background rounds.")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--database-url", default="postgres://postgres@127.0.0.1:5432/postgres")
+    parser.add_argument("--broker", choices=("postgres", "orm"), default="postgres",
+                        help="the table broker the enqueues go to (default: postgres, the default on PostgreSQL)")
     args = parser.parse_args()
     if args.rounds < 3:
         raise SystemExit("bench/bulk_actions.py: --rounds must be at least 3")
@@ -49,7 +51,7 @@ def main() -> int:
     with scratch_database(args.database_url, name=f"bench_bulk_{os.getpid()}", script="bench/bulk_actions.py"):
         os.environ.setdefault("SECRET_KEY", "bench-only-secret-key")
         os.environ["DJANGO_SETTINGS_MODULE"] = "pipeline_ops.settings"
-        os.environ["PIPELINE_OPS_BROKER"] = "orm"
+        os.environ["PIPELINE_OPS_BROKER"] = args.broker
         os.environ["PIPELINE_OPS_QUEUE"] = f"bench-bulk-{os.getpid()}"
         os.environ["ALLOWED_HOSTS"] = "testserver"
         return run(args)

@@ -31,6 +31,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--lines", type=int, default=20_000)
     parser.add_argument("--batch-size", type=int, default=500)
+    parser.add_argument("--broker", choices=("postgres", "orm"), default="postgres",
+                        help="the table broker the enqueues go to (default: postgres, the default on PostgreSQL)")
     parser.add_argument("--database-url", default="postgres://postgres@127.0.0.1:5432/postgres",
                         help="Server to create the scratch database on (it must be PostgreSQL).")
     parser.add_argument("--compare-each", action="store_true", help="Also time one async_task per step instead of a bulk enqueue.")
@@ -52,7 +54,7 @@ def main() -> int:
         os.environ["DATABASE_URL"] = url
         os.environ.setdefault("SECRET_KEY", "bench-only-secret-key")
         os.environ.setdefault("DJANGO_SETTINGS_MODULE", "pipeline_ops.settings")
-        os.environ["PIPELINE_OPS_BROKER"] = "orm"
+        os.environ["PIPELINE_OPS_BROKER"] = args.broker
         os.environ["PIPELINE_OPS_QUEUE"] = f"bench-submit-{os.getpid()}"
         return run(args)
     finally:
@@ -124,7 +126,7 @@ def run(args) -> int:
         os.unlink(path)
 
     base_rate = args.lines / base_s
-    print(f"bench/submit.py: {args.lines} lines, batch {args.batch_size}, PostgreSQL {connection.pg_version}, ORM broker")
+    print(f"bench/submit.py: {args.lines} lines, batch {args.batch_size}, PostgreSQL {connection.pg_version}, {args.broker} broker")
     print(f"  baseline: plain bulk_create of the rows: {base_rate:8.0f} rows/s   ({base_s:.2f} s)")
     print(f"  submit, first run (all new)          : {args.lines / first_s:8.0f} inputs/s ({first_s:.2f} s)"
           f"  = {args.lines / first_s / base_rate:.2f}x baseline  [aim >= 1000/s]")

@@ -1,7 +1,8 @@
 """Putting step tasks on the django-q2 queue: the only module that talks to the broker.
 
-With the ORM broker the queue row is written through the same database alias as our models, so
-an enqueue inside a transaction commits or rolls back with it (a free outbox). With Redis the
+With the table brokers (``postgres``: pipeline_ops.pg_broker; django-q2's ``orm``) the queue row
+is written through the same database alias as our models, so an enqueue inside a transaction
+commits or rolls back with it (a free outbox). With Redis the
 message is sent after commit, and the reconciler re-sends any that get lost.
 """
 from __future__ import annotations
@@ -22,8 +23,13 @@ def process_broker():
     return get_broker()
 
 
+# The brokers whose queue is django-q2's table in our own database (``django_q_ormq``): an enqueue
+# joins the caller's transaction, and a queue row can be read, counted and deleted with SQL.
+TABLE_BROKERS = frozenset({"orm", "postgres"})
+
+
 def uses_transactional_broker() -> bool:
-    return settings.PIPELINE_OPS_BROKER == "orm"
+    return settings.PIPELINE_OPS_BROKER in TABLE_BROKERS
 
 
 def _enqueue(func: str, arg, *, name: str) -> None:

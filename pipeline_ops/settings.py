@@ -174,7 +174,6 @@ PIPELINE_OPS_BULK_THRESHOLD = env_int("PIPELINE_OPS_BULK_THRESHOLD", 200)
 PIPELINE_OPS_BULK_SLICE = env_int("PIPELINE_OPS_BULK_SLICE", 500)
 # A background action whose row did not move for this long (its task was lost) is re-sent.
 PIPELINE_OPS_BULK_STALL_SECONDS = env_int("PIPELINE_OPS_BULK_STALL_SECONDS", 600)
-PIPELINE_OPS_BROKER = os.environ.get("PIPELINE_OPS_BROKER", "orm").lower()
 REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
 _q_workers = env_int("Q_WORKERS", 2)
 # Up to one task per worker in each dequeue: fewer queue round trips per task, never more than
@@ -187,8 +186,9 @@ Q_CLUSTER = {
     # worker so retry >= (queue_limit / workers + 1) * timeout + margin holds.
     "queue_limit": _q_workers,
     "bulk": _q_bulk,
-    # An idle queue answers a step's enqueue within this (django-q2's ORM broker polls); 0.05 s is
-    # one cheap indexed SELECT per 50 ms per cluster. The PostgreSQL broker wakes on NOTIFY instead.
+    # django-q2's ORM broker answers a step's enqueue on an idle queue within this: one SELECT
+    # of the small queue table per 50 ms per cluster. The PostgreSQL broker wakes on NOTIFY and
+    # polls only as its fallback (set below).
     "poll": float(os.environ.get("Q_POLL", "0.05")),
     "timeout": STEP_TIMEOUT_SECONDS,
     # Q_RETRY_SECONDS: only for chaos runs and cluster tests, which SIGKILL clusters and want the
@@ -211,13 +211,31 @@ Q_CLUSTER = {
     "log_level": os.environ.get("Q_LOG_LEVEL", "WARNING"),
     "label": "Task queue (delivery only)",
 }
+# The broker (docs/queue.md): "postgres" (the default on PostgreSQL) is pipeline-ops' own broker
+# over django-q2's ORM table, dequeuing with FOR UPDATE SKIP LOCKED and waking on LISTEN/NOTIFY;
+# "orm" is django-q2's ORM broker (the default on SQLite); "redis" is django-q2's Redis broker.
+# Both table brokers use the models' alias, so an enqueue joins the caller's transaction (an outbox).
+PIPELINE_OPS_BROKER = os.environ.get("PIPELINE_OPS_BROKER", "orm" if DATABASE_IS_SQLITE else "postgres").strip().lower()
 if PIPELINE_OPS_BROKER == "redis":
     Q_CLUSTER["redis"] = REDIS_URL
 elif PIPELINE_OPS_BROKER == "orm":
-    # Same alias as our models: an enqueue joins the caller's transaction (a free outbox).
     Q_CLUSTER["orm"] = "default"
+elif PIPELINE_OPS_BROKER == "postgres":
+    if DATABASE_IS_SQLITE:
+        raise ImproperlyConfigured(
+            "PIPELINE_OPS_BROKER=postgres needs a PostgreSQL DATABASE_URL (it dequeues with FOR UPDATE SKIP LOCKED "
+            "and wakes on LISTEN/NOTIFY); on SQLite use PIPELINE_OPS_BROKER=orm."
+        )
+    # "orm" too: django-q2's admin shows the queued rows, and the broker writes through this alias.
+    Q_CLUSTER["orm"] = "default"
+    Q_CLUSTER["broker_class"] = "pipeline_ops.pg_broker.PostgresBroker"
+    # NOTIFY wakes an idle cluster at once; the poll only finds rows whose lock expired (a crashed
+    # worker's) and covers a dropped listening connection, and a graceful stop waits up to it.
+    Q_CLUSTER["poll"] = float(os.environ.get("Q_POLL", "1.0"))
 else:
-    raise ImproperlyConfigured(f"PIPELINE_OPS_BROKER must be 'orm' or 'redis', not {PIPELINE_OPS_BROKER!r}.")
+    raise ImproperlyConfigured(
+        f"PIPELINE_OPS_BROKER must be 'postgres', 'orm' or 'redis', not {PIPELINE_OPS_BROKER!r}."
+    )
 
 # Cluster heartbeats (django-q2 Stat, one write per cluster every 0.5 s, 3 s expiry). With Redis
 # they live in Redis; with the ORM broker they go to this cache, which must be shared by the

@@ -18,7 +18,9 @@ from django_q.conf import Conf
 
 from .. import queueing
 
-BROKERS = ("orm", "redis")
+BROKERS = ("postgres", "orm", "redis")
+# django-q2 picks a broker_class before anything else (django_q.brokers.get_broker).
+POSTGRES_BROKER_CLASS = "pipeline_ops.pg_broker.PostgresBroker"
 
 
 def queue_name_for(tag: str, purpose: str = "chaos") -> str:
@@ -28,15 +30,17 @@ def queue_name_for(tag: str, purpose: str = "chaos") -> str:
 
 @contextmanager
 def use_broker(*, kind: str, queue: str, redis_url: str | None = None) -> Iterator[Broker]:
-    """Enqueue to ``kind`` ('orm' or 'redis') under queue name ``queue`` inside the block."""
+    """Enqueue to ``kind`` ('postgres', 'orm' or 'redis') under queue name ``queue`` inside the block."""
     if kind not in BROKERS:
         raise ValueError(f"broker must be one of {', '.join(BROKERS)}, not {kind!r}")
-    saved = {name: getattr(Conf, name) for name in ("ORM", "REDIS", "PREFIX", "CLUSTER_NAME")}
+    saved = {name: getattr(Conf, name) for name in ("ORM", "REDIS", "BROKER_CLASS", "PREFIX", "CLUSTER_NAME")}
     Conf.PREFIX = Conf.CLUSTER_NAME = queue  # the list key, and the salt payloads are signed with
-    if kind == "orm":
-        Conf.ORM, Conf.REDIS = "default", saved["REDIS"]
+    if kind == "postgres":
+        Conf.ORM, Conf.REDIS, Conf.BROKER_CLASS = "default", saved["REDIS"], POSTGRES_BROKER_CLASS
+    elif kind == "orm":
+        Conf.ORM, Conf.REDIS, Conf.BROKER_CLASS = "default", saved["REDIS"], None
     else:
-        Conf.ORM, Conf.REDIS = None, redis_url or settings.REDIS_URL
+        Conf.ORM, Conf.REDIS, Conf.BROKER_CLASS = None, redis_url or settings.REDIS_URL, None
     queueing.process_broker.cache_clear()
     try:
         with override_settings(PIPELINE_OPS_BROKER=kind):

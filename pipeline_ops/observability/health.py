@@ -110,11 +110,14 @@ def health_check_broker() -> CheckResult:
             finally:
                 client.close()
             return True, {"broker": "redis", "url": _redacted(url), "queue": queue, "ready": ready}
+        from django.db.models.functions import Now
         from django_q.models import OrmQ
 
+        # The table brokers ("postgres", "orm"): django-q2's queue table in our own database.
         alias = settings.Q_CLUSTER.get("orm", "default")
-        ready = OrmQ.objects.using(alias).filter(key=queue, lock__lte=timezone.now()).count()
-        return True, {"broker": "orm", "database": alias, "queue": queue, "ready": ready}
+        now = Now() if kind == "postgres" else timezone.now()  # the PostgreSQL broker's locks are on the database's clock
+        ready = OrmQ.objects.using(alias).filter(key=queue, lock__lte=now).count()
+        return True, {"broker": kind, "database": alias, "queue": queue, "ready": ready}
 
     result = _timed("broker", check)
     if not result.ok:

@@ -219,23 +219,25 @@ def leases_summary(*, now: datetime | None = None) -> LeaseSummary:
 
 
 def queue_depth() -> QueueDepth:
-    """Tasks waiting on the django-q2 queue (ORM: OrmQ rows; Redis: the list length)."""
+    """Tasks waiting on the django-q2 queue (table brokers: OrmQ rows; Redis: the list length)."""
     from django.conf import settings
 
-    from ..queueing import process_broker
+    from ..queueing import TABLE_BROKERS, process_broker
 
     broker_name = settings.PIPELINE_OPS_BROKER
     try:
         broker = process_broker()
-        if broker_name == "orm":
+        if broker_name in TABLE_BROKERS:
             # Straight to the table: the ORM broker's own queue_size() calls
             # close_old_connections() first, which on SQLite (CONN_MAX_AGE=0) closes the
             # request's connection mid-page.
+            from django.db.models.functions import Now
             from django_q.conf import Conf
             from django_q.models import OrmQ
 
             rows = OrmQ.objects.using(Conf.ORM).filter(key=broker.list_key)
-            now = timezone.now()
+            # The PostgreSQL broker writes every lock on the database's clock: count on it too.
+            now = Now() if broker_name == "postgres" else timezone.now()
             return QueueDepth(broker=broker_name, ready=rows.filter(lock__lte=now).count(), in_flight=rows.filter(lock__gt=now).count())
         return QueueDepth(broker=broker_name, ready=broker.queue_size(), in_flight=None)
     except Exception as exc:  # the dashboard must render while the broker is down: say so instead

@@ -18,12 +18,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime
 
+from django.conf import settings
 from django.db import connections, router, transaction
 from django_q.models import OrmQ
 
 from idempotency import guard
 from idempotency.models import Attempt
 
+from .. import pg_broker
 from ..models import PipelineInput, StepOutput, StepRun
 from ..queueing import step_task_row, uses_transactional_broker
 from ..states import InputStatus, StepStatus, step_sources
@@ -126,6 +128,7 @@ def step_complete(
     roll_up = next_step_id is None or not input_running
     on_orm_table = uses_transactional_broker()
     queue_key, payload = step_task_row(step_run_id=next_step_id) if next_step_id is not None and on_orm_table else (None, None)
+    notify_channel = pg_broker.notify_channel(queue_key) if queue_key is not None and settings.PIPELINE_OPS_BROKER == "postgres" else None
     steps, inputs, outputs, queue = _table(StepRun), _table(PipelineInput), _table(StepOutput), _table(OrmQ)
     prep = connection.ops
     output_field = StepOutput._meta.get_field("output")
@@ -153,6 +156,8 @@ def step_complete(
         f"AND NOT EXISTS (SELECT 1 FROM {steps} WHERE input_id = %s AND id <> %s AND status <> %s) RETURNING 1) "
         f"SELECT (SELECT count(*) FROM held), (SELECT count(*) FROM done), (SELECT count(*) FROM queued), "
         f"(SELECT count(*) FROM rolled)"
+        # The PostgreSQL broker's wake-up, sent at commit (a CTE nobody reads would never run).
+        + (", (SELECT count(pg_notify(%s, '')) FROM sent)" if notify_channel else "")
     )
     at = prep.adapt_datetimefield_value(now)
     params = [
@@ -168,12 +173,13 @@ def step_complete(
         ack_id,
         InputStatus.SUCCEEDED, at, at, input_id, next_step_id is None, *_INPUT_ROLLS_UP_FROM,
         input_id, step_run.pk, StepStatus.SUCCEEDED,
+        *([notify_channel] if notify_channel else []),
     ]
 
     def run() -> tuple[int, int, int, int]:
         with connection.cursor() as cursor:
             cursor.execute(sql, params)
-            return cursor.fetchone()
+            return cursor.fetchone()[:4]
 
     try:
         if roll_up:

@@ -237,10 +237,14 @@ def _tasks_bulk_enqueue(step_run_ids: list[int]) -> None:
         packages.append(SignedPackage.dumps(task))
     if uses_transactional_broker():
         # Same alias as our models: these rows commit or roll back with the batch (the outbox).
-        now = timezone.now()
-        OrmQ.objects.using(Conf.ORM).bulk_create(
-            [OrmQ(key=broker.list_key or Conf.CLUSTER_NAME, payload=p, lock=now) for p in packages]
-        )
+        if hasattr(broker, "enqueue_many"):
+            # The PostgreSQL broker: one INSERT on the database's clock, one NOTIFY at commit.
+            broker.enqueue_many(packages)
+        else:
+            now = timezone.now()
+            OrmQ.objects.using(Conf.ORM).bulk_create(
+                [OrmQ(key=broker.list_key or Conf.CLUSTER_NAME, payload=p, lock=now) for p in packages]
+            )
     else:
         # Redis is not transactional: send after commit; the reconciler re-sends a lost message.
         transaction.on_commit(lambda: broker.connection.rpush(broker.list_key, *packages))

@@ -1,4 +1,5 @@
-"""The incident replayed on real workers (``manage.py chaos``), on PostgreSQL, ORM and Redis brokers.
+"""The incident replayed on real workers (``manage.py chaos``), on PostgreSQL: the PostgreSQL broker
+(pipeline_ops.pg_broker, the default there), django-q2's ORM broker and Redis.
 
 Each run starts real qcluster subprocesses pointed at the test database, the real fault-injecting
 model server (stalls past the client timeout, 5xx, 429), enqueues random steps twice, SIGKILLs a
@@ -83,14 +84,14 @@ def _assert_guarded_clean(run: dict) -> None:
         assert StepOutput.objects.filter(step_run=step).count() == (1 if step.status == StepStatus.SUCCEEDED else 0)
 
 
-def test_naive_duplicates_and_guarded_none_when_same_faults_on_orm_broker():
+def test_naive_duplicates_and_guarded_none_when_same_faults_on_postgres_broker():
     try:
         # A naive late answer is written by a thread of the worker that gave up on the call, so
         # it dies with that worker when the scenario SIGKILLs it (a busy worker, half the
         # workers with the cluster). At this size the default rate (0.25) stalls about 2 calls
         # and sometimes none reach a surviving worker; 0.6 stalls about 6. The guarded run
         # gets as many late answers to fence (a retry with the same key is replayed, fault-free).
-        runs = _chaos("--broker", "orm", "--naive", "--stall-rate", "0.6")
+        runs = _chaos("--broker", "postgres", "--naive", "--stall-rate", "0.6")
         naive_run, guarded = runs["naive"], runs["guarded"]
         # The control group is honest: the same faults really duplicate results without the guard,
         # and the incident's own way among them: a timed-out call that finished late and saved.
@@ -102,6 +103,7 @@ def test_naive_duplicates_and_guarded_none_when_same_faults_on_orm_broker():
         assert naive_run["faults"]["stalls"] > 0
         assert naive_run["late_rows"] > 0
         _assert_guarded_clean(guarded)
+        assert guarded["broker"] == "postgres"
     finally:
         naive.naive_table_drop()
 
@@ -113,7 +115,7 @@ def test_every_input_terminal_and_late_writes_fenced_when_redis_broker_loses_kil
     assert runs["guarded"]["reconciler_runs"] > 0
 
 
-@pytest.mark.parametrize("broker", ["orm", "redis"])
+@pytest.mark.parametrize("broker", ["postgres", "orm", "redis"])
 def test_no_step_failed_by_infrastructure_when_workers_backends_are_terminated(broker, request):
     if broker == "redis":
         request.getfixturevalue("redis_available")

@@ -71,7 +71,7 @@ def test_busy_workers_names_the_running_task_when_a_worker_runs_one(tmp_path):
     try:
         cluster.start(wait=True)
         assert cluster.busy_workers() == {}
-        with use_broker(kind="orm", queue=queue_name_for(settings.TEST_DB_TAG, "harness-busy")):
+        with use_broker(kind=settings.PIPELINE_OPS_BROKER, queue=queue_name_for(settings.TEST_DB_TAG, "harness-busy")):
             async_task("tests.cluster.helpers.hold_until", str(release), task_name="harness-hold")
 
         def stage() -> int:  # queued (0) -> taken by the pusher (1) -> a worker reports it busy (2)

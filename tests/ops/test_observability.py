@@ -14,6 +14,7 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
+from django.conf import settings
 from django.db.models import DurationField, ExpressionWrapper, F
 from django.test import Client
 from prometheus_client.parser import text_string_to_metric_families
@@ -92,8 +93,8 @@ def test_metrics_match_the_database_when_steps_ran_failed_and_were_fenced(client
         assert samples["pipeline_ops_inputs"][(("status", status),)] == PipelineInput.objects.filter(status=status).count()
     assert samples["pipeline_ops_step_runs"][(("status", "SUCCEEDED"), ("step", "preprocess"))] == 3
     assert samples["pipeline_ops_step_runs"][(("status", "FAILED"), ("step", "ops_boom"))] == 2
-    # The next steps of the three inputs are on the queue (ORM broker: rows in the same database).
-    assert samples["pipeline_ops_queue_depth"][(("broker", "orm"), ("state", "ready"))] >= 3
+    # The next steps of the three inputs are on the queue (the table brokers: rows in the same database).
+    assert samples["pipeline_ops_queue_depth"][(("broker", settings.PIPELINE_OPS_BROKER), ("state", "ready"))] >= 3
     assert samples["pipeline_ops_broker_up"][()] == 1
     assert samples["pipeline_ops_stuck_leases"][()] == 0
     assert samples["pipeline_ops_processing_keys"][()] == IdempotencyRecord.objects.filter(status=RecordStatus.PROCESSING).count()
@@ -235,7 +236,7 @@ def test_healthz_is_503_with_detail_when_no_cluster_heartbeat_exists(client):
     body = response.json()
     assert body["status"] == "fail"
     assert body["checks"]["database"]["ok"] is True
-    assert body["checks"]["broker"]["ok"] is True and body["checks"]["broker"]["broker"] == "orm"
+    assert body["checks"]["broker"]["ok"] is True and body["checks"]["broker"]["broker"] == settings.PIPELINE_OPS_BROKER
     assert body["checks"]["cluster"]["ok"] is False
     assert "no cluster heartbeat" in body["checks"]["cluster"]["error"]
 
@@ -375,13 +376,13 @@ def test_healthz_is_200_while_a_real_cluster_beats_and_503_after_it_is_killed(cl
     cluster = QCluster(
         env=base_env(
             DJANGO_SETTINGS_MODULE="tests.settings", DATABASE_URL=database_url_for(connection.settings_dict),
-            SECRET_KEY=settings.SECRET_KEY, PIPELINE_OPS_BROKER="orm", PIPELINE_OPS_QUEUE=queue, Q_WORKERS=1,
+            SECRET_KEY=settings.SECRET_KEY, PIPELINE_OPS_BROKER=settings.PIPELINE_OPS_BROKER, PIPELINE_OPS_QUEUE=queue, Q_WORKERS=1,
             Q_LOG_LEVEL="ERROR", LOG_LEVEL="ERROR",
         ),
         name="health", log_path=Path(settings.VAR_DIR) / "test-logs" / f"ops-health-{settings.TEST_DB_TAG}.log",
     )
     try:
-        with use_broker(kind="orm", queue=queue):
+        with use_broker(kind=settings.PIPELINE_OPS_BROKER, queue=queue):
             cluster.start(wait=True)
             answers = []
 
@@ -405,7 +406,8 @@ def test_healthz_is_200_while_a_real_cluster_beats_and_503_after_it_is_killed(cl
     assert checks["cluster"]["clusters"] == 1 and checks["cluster"]["workers"] == 1
     assert 0 <= checks["cluster"]["last_heartbeat_age_seconds"] <= 3.5
     assert checks["broker"] | {"seconds": 0, "ready": 0} == {
-        "ok": True, "required": True, "seconds": 0, "broker": "orm", "database": "default", "queue": queue, "ready": 0,
+        "ok": True, "required": True, "seconds": 0, "broker": settings.PIPELINE_OPS_BROKER, "database": "default", "queue": queue,
+        "ready": 0,
     }
     assert dead.status_code == 503
     assert "no cluster heartbeat" in dead.json()["checks"]["cluster"]["error"]

@@ -6,6 +6,7 @@ import json
 from datetime import timedelta
 
 import pytest
+from django.conf import settings
 from django.core.management import CommandError, call_command
 from django.utils import timezone
 from django_q.models import OrmQ
@@ -187,7 +188,7 @@ def test_pipeline_status_json_equals_the_database_when_steps_ran_and_failed(worl
     assert status["leases"]["processing"] == processing.count()
     assert status["leases"]["stuck"] == processing.filter(lease_expires_at__lt=tz.now()).count()
     ready = OrmQ.objects.filter(key=Conf.PREFIX, lock__lt=tz.now()).count()
-    assert status["queue"] == {"broker": "orm", "ready": ready, "in_flight": 0, "error": None}
+    assert status["queue"] == {"broker": settings.PIPELINE_OPS_BROKER, "ready": ready, "in_flight": 0, "error": None}
     assert ready >= 3  # the three next steps queued by the runner
     workers = {w["worker"] for w in status["workers_seen"]}
     assert workers == set(Attempt.objects.exclude(worker="").values_list("worker", flat=True))
@@ -199,7 +200,7 @@ def test_pipeline_status_prints_a_readable_summary_when_not_json(world):
     assert "inputs     pending" in out
     assert "ops_boom" in out and "100.0%" in out
     assert "fenced late writes (duplicates prevented) 1" in out
-    assert "queue      orm: ready" in out
+    assert f"queue      {settings.PIPELINE_OPS_BROKER}: ready" in out
 
 
 def test_pipeline_status_refuses_when_window_is_not_positive():

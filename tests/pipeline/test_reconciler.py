@@ -113,6 +113,7 @@ def redis_broker(monkeypatch, settings):
     from pipeline_ops.queueing import process_broker
 
     monkeypatch.setattr(Conf, "ORM", None)
+    monkeypatch.setattr(Conf, "BROKER_CLASS", None)  # on PostgreSQL the configured broker is a broker_class
     monkeypatch.setattr(Conf, "REDIS", "redis://127.0.0.1:6379/0")
     monkeypatch.setattr(Conf, "CLUSTER_NAME", f"pipeline_ops_reconcile_{uuid.uuid4().hex[:8]}")
     settings.PIPELINE_OPS_BROKER = "redis"
