@@ -58,13 +58,16 @@ from bench.rounds import (  # noqa: E402
 class Config:
     database: str  # "sqlite" (a temporary file) or "pg" (a scratch database on --pg-url)
     broker: str  # PIPELINE_OPS_BROKER
+    tuned_broker: str | None = None  # bare-tuned's broker, when not the same (None: ``broker``)
 
 
 CONFIGS = {
     "sqlite-orm": Config("sqlite", "orm"),
     "pg-orm": Config("pg", "orm"),
     "pg-redis": Config("pg", "redis"),
-    # "pg-postgres": Config("pg", "postgres"),  # the PostgreSQL broker, once PIPELINE_OPS_BROKER=postgres exists
+    # The product's PostgreSQL broker; its bare-tuned side is stock django-q2 on its own ORM broker,
+    # tuned: issue 11's "guarded on this broker / bare django-q2 ORM, both tuned" in one run.
+    "pg-postgres": Config("pg", "postgres", tuned_broker="orm"),
 }
 SIDES = ("bare-same-settings", "guarded", "bare-tuned")
 # Which driver runs which side: the product's settings, or the tuned bare django-q2.
@@ -302,6 +305,7 @@ def main() -> int:
             envs = {
                 "project": {**common, "PIPELINE_OPS_QUEUE": f"bench_wt_{tag}_{label}_project"},
                 "tuned": {**common, "PIPELINE_OPS_QUEUE": f"bench_wt_{tag}_{label}_tuned",
+                          "PIPELINE_OPS_BROKER": config.tuned_broker or config.broker,
                           "BENCH_Q_CLUSTER": json.dumps(tuned), "BENCH_CONN_HEALTH_CHECKS": "0"},
             }
             print(f"[{label}] {args.rounds} rounds of {args.inputs} inputs x {STEPS} no-op steps per side, "
