@@ -19,6 +19,10 @@ DEFAULTS: dict[str, Any] = {
     # The history retention: how long the record and its attempts (errors, tracebacks) stay for
     # operators after the key's last move. Never shorter than the key retention.
     "HISTORY_RETENTION_HOURS": 720,
+    # Dotted path to a function returning a queryset of record ids the project still shows as
+    # history (e.g. the records its own rows point to); the history stage leaves them until
+    # those rows go. None: keep nothing beyond the history retention.
+    "HISTORY_KEEP": None,
     # Rows deleted per purge transaction: short transactions keep SQLite's single writer free.
     "PURGE_BATCH_SIZE": 1000,
     # Upper bound on ``Prefer: wait=N`` (RFC 7240) for a request whose key is in flight: the

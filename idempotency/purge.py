@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
 from django.db import transaction
+from django.utils.module_loading import import_string
 from django.db.models import Count, F, Q, Sum
 
 from . import conf
@@ -90,11 +91,15 @@ def records_purge(
        above. The record and its attempts stay as history; the next claim of the key runs anew.
 
     ``keep_record_ids``: a queryset of record ids the caller still shows as history (e.g. the
-    records of step runs that still exist); stage 2 leaves them. ``limit`` bounds each stage.
+    records of step runs that still exist); stage 1 leaves them. None: the ``HISTORY_KEEP``
+    setting's function decides, if set. ``limit`` bounds each stage.
     Raises ImproperlyConfigured when the retention settings are inconsistent.
     """
     now = now or db_now(model=IdempotencyRecord)  # expiries and leases in the database's time
     batch_size = batch_size or conf.get("PURGE_BATCH_SIZE")
+    if keep_record_ids is None and conf.get("HISTORY_KEEP"):
+        # A dotted path, resolved here: this app never imports the project that uses it.
+        keep_record_ids = import_string(conf.get("HISTORY_KEEP"))()
     report = PurgeReport()
 
     def forgettable():
