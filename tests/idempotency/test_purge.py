@@ -343,3 +343,12 @@ def test_purge_keeps_key_dead_lettered_by_a_late_claim_when_its_first_expiry_has
 
     assert purged(records_purge(now=at(2 * DAY + 3600))) == (0, 0)
     assert purged(records_purge(now=at(3 * DAY + 60))) == (0, 1)  # a whole retention after it moved
+
+
+def test_system_check_warns_when_history_retention_is_shorter_than_key_retention():
+    from idempotency.checks import retention_check
+
+    assert retention_check() == []
+    with override_settings(IDEMPOTENCY={"RETENTION_HOURS": 48, "HISTORY_RETENTION_HOURS": 24}):
+        [warning] = retention_check()
+    assert warning.id == "idempotency.W001" and "must be at least RETENTION_HOURS (48)" in warning.msg
