@@ -76,7 +76,8 @@ class IdempotencyRecordAdmin(ReadOnlyAdmin):
     list_display = ("scope", "short_key", "operation", "status", "attempt_count", "lease", "retry_at", "replay_count",
                     "short_fingerprint", "created_at", "expires_at")
     # No "scope" filter: its choices would be a DISTINCT over the whole table on every page.
-    list_filter = ("status", LeaseFilter)
+    # Forgotten: past the key retention, the stored result cleared; the attempts stay as history.
+    list_filter = ("status", LeaseFilter, ("forgotten_at", admin.EmptyFieldListFilter))
     search_fields = ("=key",)
     search_help_text = "A key (exact)."
     ordering = ("-id",)  # newest first on the primary key (created_at has no index of its own)
@@ -84,7 +85,8 @@ class IdempotencyRecordAdmin(ReadOnlyAdmin):
     list_per_page = 50
     inlines = [AttemptInline]
     readonly_fields = ("scope", "key", "operation", "fingerprint", "status", "attempt_count", "lease_expires_at", "retry_at",
-                       "error_summary", "replay_count", "result", "created_at", "updated_at", "completed_at", "expires_at")
+                       "error_summary", "replay_count", "result", "created_at", "updated_at", "completed_at", "expires_at",
+                       "forgotten_at")
     fields = readonly_fields
 
     @admin.display(description="key", ordering="key")

@@ -5,3 +5,6 @@ class IdempotencyConfig(AppConfig):
     name = "idempotency"
     verbose_name = "Idempotency log"
     default_auto_field = "django.db.models.BigAutoField"
+
+    def ready(self):
+        from . import checks  # noqa: F401  (registers the settings checks)

@@ -205,6 +205,8 @@ def _claim_existing(
     worker: str,
     now: datetime,
 ) -> ClaimOutcome:
+    if record.forgotten_at is not None:
+        return _claim_forgotten(record, operation=operation, fingerprint=fingerprint, lease=lease, worker=worker, now=now)
     if record.operation != operation or record.fingerprint != fingerprint:
         return Mismatch(record)
     if record.status == RecordStatus.COMPLETED:
@@ -250,6 +252,41 @@ def _claim_existing(
     record.status, record.attempt_count, record.lease_expires_at, record.retry_at = (
         RecordStatus.PROCESSING, number, now + lease, None,
     )
+    attempt = Attempt.objects.create(record=record, number=number, worker=worker, started_at=now)
+    return Claimed(attempt)
+
+
+def _claim_forgotten(
+    record: IdempotencyRecord, *, operation: str, fingerprint: str, lease: timedelta, worker: str, now: datetime
+) -> ClaimOutcome:
+    """A claim of a key the purge forgot (its key retention ran out): the key is new again, as an
+    expired key is for Stripe and the IETF draft (same key after 24 h: the request runs again,
+    whatever its body). The row is kept rather than inserted afresh so that attempt numbers go on
+    (the fencing token stays monotonic: a straggler of the old life can never match the new
+    holder) and the old attempts stay linked to the key as history.
+
+    Runs under the record's row lock (``claim``). Only a retry an operator scheduled in the
+    future on the forgotten key (``reopen(now=later)``) still waits: that is live work.
+    """
+    if record.status == RecordStatus.FAILED and record.retry_at is not None and record.retry_at > now:
+        return InFlight(record, until=record.retry_at)
+    number = record.attempt_count + 1
+    # Conditional on the row still being forgotten at this count: under the row lock this always
+    # matches; were it ever not, the key moved and the caller's next claim decides afresh.
+    moved = IdempotencyRecord.objects.filter(
+        pk=record.pk, attempt_count=record.attempt_count, forgotten_at__isnull=False,
+        status__in=[RecordStatus.COMPLETED, RecordStatus.FAILED],
+    ).update(
+        operation=operation, fingerprint=fingerprint, status=RecordStatus.PROCESSING, attempt_count=number,
+        lease_expires_at=now + lease, retry_at=None, result=None, completed_at=None, error_summary="",
+        forgotten_at=None, updated_at=now, expires_at=now + _retention(),
+        # replay_count is kept: it is a counter (the replays metric), and it never goes backwards.
+    )
+    if not moved:
+        return InFlight(record, until=now)
+    record.operation, record.fingerprint, record.status, record.attempt_count = operation, fingerprint, RecordStatus.PROCESSING, number
+    record.lease_expires_at, record.retry_at, record.result, record.completed_at = now + lease, None, None, None
+    record.error_summary, record.forgotten_at, record.expires_at = "", None, now + _retention()
     attempt = Attempt.objects.create(record=record, number=number, worker=worker, started_at=now)
     return Claimed(attempt)
 

@@ -18,10 +18,14 @@ class IdempotencyRecordQuerySet(models.QuerySet):
         return self.filter(status=RecordStatus.PROCESSING, lease_expires_at__lt=now)
 
     def expired(self, *, now):
-        """Past retention and safe to delete: finished, or failed and left alone for a whole
-        retention period after its retry fell due (``fail`` pushes ``expires_at`` past it), so a
-        key whose client never came back does not stay forever."""
+        """Past the key retention: finished, or failed and left alone for a whole retention
+        period after its retry fell due (``fail`` pushes ``expires_at`` past it), so a key whose
+        client never came back does not stay forever. Its key may be forgotten; the purge
+        deletes it (and its attempts) only once the longer history retention has passed too."""
         return self.filter(expires_at__lt=now, status__in=[RecordStatus.COMPLETED, RecordStatus.FAILED])
+
+    def forgotten(self):
+        return self.filter(forgotten_at__isnull=False)
 
 
 class IdempotencyRecord(models.Model):
@@ -64,7 +68,16 @@ class IdempotencyRecord(models.Model):
     created_at = models.DateTimeField(auto_now_add=True, help_text="When the key was first seen.")
     updated_at = models.DateTimeField(auto_now=True, help_text="Last change to this record.")
     completed_at = models.DateTimeField(null=True, blank=True, help_text="When the winning attempt completed the key.")
-    expires_at = models.DateTimeField(help_text="After this the record may be purged (retention period).")
+    expires_at = models.DateTimeField(
+        help_text="A key retention after the last move: after this the key is forgotten (its stored result cleared), "
+        "and a history retention after the last move the record and its attempts are deleted.",
+    )
+    forgotten_at = models.DateTimeField(
+        null=True,
+        blank=True,
+        help_text="When the key retention ran out and the purge cleared the stored result: the next claim of this "
+        "key runs as new work (attempt numbers go on), while the attempts stay as history. Empty: the key is remembered.",
+    )
 
     objects = IdempotencyRecordQuerySet.as_manager()
 
@@ -170,7 +183,10 @@ class PurgedTally(models.Model):
     writes, replays) never go backwards when old records go: a counter is the log's count plus
     its tally. One row per (what, label); the purge adds to it in the transaction of its delete."""
 
-    name = models.CharField(max_length=50, help_text="What was counted: 'attempts' (label: status) or 'replays' (label: scope).")
+    name = models.CharField(max_length=50, help_text=(
+        "What was counted: 'attempts' (label: status) or 'replays' (label: scope); an app that purges its own "
+        "history may add its names (pipeline_ops: 'inputs' by status, 'step_runs' by step and status)."
+    ))
     label = models.CharField(max_length=100, help_text="The status or scope the count is of.")
     value = models.BigIntegerField(default=0, help_text="How many were purged, in all.")
 

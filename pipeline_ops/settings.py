@@ -151,7 +151,11 @@ STATIC_ROOT = VAR_DIR / "static"
 # --- The idempotency app (one namespaced dict, read lazily by idempotency.conf) ---------------
 IDEMPOTENCY = {
     "LEASE_SECONDS": env_int("IDEMPOTENCY_LEASE_SECONDS", 30),
+    # Key retention (replays) and the longer history retention (attempts, step runs, audit).
     "RETENTION_HOURS": env_int("IDEMPOTENCY_RETENTION_HOURS", 24),
+    "HISTORY_RETENTION_HOURS": env_int("IDEMPOTENCY_HISTORY_RETENTION_HOURS", 720),
+    # A step's record (its attempts: the console's timeline) stays while its step run does.
+    "HISTORY_KEEP": "pipeline_ops.services.retention.records_in_use",
     "PURGE_BATCH_SIZE": env_int("IDEMPOTENCY_PURGE_BATCH_SIZE", 1000),
     "MAX_WAIT_SECONDS": env_int("IDEMPOTENCY_MAX_WAIT_SECONDS", 10),
     # Off behind a transaction pooler (PgBouncer transaction mode): see docs/guard.md, liveness.

@@ -12,29 +12,29 @@ Two kinds of numbers:
   gunicorn set ``PROMETHEUS_MULTIPROC_DIR`` (an empty directory, wiped at deploy) and
   prometheus-client keeps these counters in shared files that every worker's scrape adds up.
 
-The latency histogram counts attempts still in the idempotency log: the retention purge removes
-old ones, which Prometheus sees as a counter reset (``rate()`` handles it).
+Counts of rows (attempts, replays, fenced writes, inputs, step runs, the latency histogram) add
+what the history purge deleted (``PurgedTally``), so none of them goes backwards when old
+history is purged.
 """
 from __future__ import annotations
 
 import json
 import os
-from datetime import timedelta
 
-from django.db.models import Count, DurationField, ExpressionWrapper, F, Q, Sum
+from django.db.models import Count, Sum
 from django.http import HttpRequest, HttpResponse
 from django.utils import timezone
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, disable_created_metrics, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
+from .latency import LATENCY_BUCKETS_SECONDS
+
 PREFIX = "pipeline_ops"
 
 # The *_created series double every counter's output and no dashboard of ours reads them.
 disable_created_metrics()
 
-# Seconds. AI steps take from milliseconds (offline steps) to minutes (a slow model).
-LATENCY_BUCKETS_SECONDS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 
 # Process-local metrics live in their own registry: the default one also carries process and
 # platform collectors that are meaningless (and wrong) when several gunicorn workers are summed.
@@ -98,24 +98,29 @@ class DatabaseCollector(Collector):
         from ..models import StepRun
         from ..selectors.dashboard import attempts_count_by_status, inputs_count_by_status, leases_summary, queue_depth
 
+        # Every figure counted from rows is the rows' count plus what the history purge deleted
+        # (PurgedTally, added in the transaction of each delete): nothing goes backwards when
+        # old history goes. Only rows in a final status are ever purged.
+        from idempotency.purge import purged_totals
+
+        from ..services.retention import INPUTS_TALLY, STEP_RUNS_TALLY, step_runs_from_tally
+
         now = timezone.now()
         attempts = attempts_count_by_status()
+        purged_attempts = purged_totals("attempts")
         family = GaugeMetricFamily(
-            f"{PREFIX}_attempts", "Attempts in the idempotency log by status (outcome); RUNNING ones are in progress.",
+            f"{PREFIX}_attempts",
+            "Attempts by status (outcome), purged history included; RUNNING ones are in progress.",
             labels=["status"],
         )
         for status, n in sorted(attempts.items()):
-            family.add_metric([status], n)
+            family.add_metric([status], n + purged_attempts.get(status, 0))
         yield family
-
-        # Counters are the log's count plus what the retention purge deleted (idempotency's
-        # PurgedTally): they never go backwards when old records go.
-        from idempotency.purge import purged_totals
 
         yield CounterMetricFamily(
             f"{PREFIX}_fenced_late_writes",
             "Attempts that finished after losing their key: their write was refused (duplicates prevented).",
-            value=attempts.get(AttemptStatus.FENCED, 0) + purged_totals("attempts").get(AttemptStatus.FENCED, 0),
+            value=attempts.get(AttemptStatus.FENCED, 0) + purged_attempts.get(AttemptStatus.FENCED, 0),
         )
 
         replays = CounterMetricFamily(
@@ -134,13 +139,19 @@ class DatabaseCollector(Collector):
 
         yield self._latency()
 
-        inputs = GaugeMetricFamily(f"{PREFIX}_inputs", "Pipeline inputs by status.", labels=["status"])
+        purged_inputs = purged_totals(INPUTS_TALLY)
+        inputs = GaugeMetricFamily(f"{PREFIX}_inputs", "Pipeline inputs by status, purged history included.", labels=["status"])
         for status, n in sorted(inputs_count_by_status().items()):
-            inputs.add_metric([status], n)
+            inputs.add_metric([status], n + purged_inputs.get(status, 0))
         yield inputs
 
-        steps = GaugeMetricFamily(f"{PREFIX}_step_runs", "Step runs by step and status.", labels=["step", "status"])
-        for step, status, n in StepRun.objects.order_by().values_list("step", "status").annotate(n=Count("pk")).order_by("step", "status"):
+        step_counts = step_runs_from_tally(purged_totals(STEP_RUNS_TALLY))
+        for step, status, n in StepRun.objects.order_by().values_list("step", "status").annotate(n=Count("pk")):
+            step_counts[(step, status)] = step_counts.get((step, status), 0) + n
+        steps = GaugeMetricFamily(
+            f"{PREFIX}_step_runs", "Step runs by step and status, purged history included.", labels=["step", "status"],
+        )
+        for (step, status), n in sorted(step_counts.items()):
             steps.add_metric([step, status], n)
         yield steps
 
@@ -168,34 +179,30 @@ class DatabaseCollector(Collector):
         yield GaugeMetricFamily(f"{PREFIX}_broker_up", "1 when the queue could be read at scrape time.", value=0 if queue.error else 1)
 
     def _latency(self) -> HistogramMetricFamily:
-        """Finished attempts' durations (claim to ending), per step, as a cumulative histogram."""
-        from ..models import StepRun
+        """Finished attempts' durations (claim to ending), per step, as a cumulative histogram:
+        the step runs still in the database plus what the history purge deleted (its tally)."""
+        from idempotency.purge import purged_totals
 
-        duration = ExpressionWrapper(
-            F("idempotency_record__attempts__finished_at") - F("idempotency_record__attempts__started_at"),
-            output_field=DurationField(),
-        )
-        buckets = {f"le_{i}": Count("pk", filter=Q(duration__lte=timedelta(seconds=b))) for i, b in enumerate(LATENCY_BUCKETS_SECONDS)}
-        rows = (
-            StepRun.objects.filter(idempotency_record__attempts__finished_at__isnull=False)
-            .alias(duration=duration)
-            .order_by()
-            .values("step")
-            .annotate(count=Count("pk"), total=Sum("duration"), **buckets)
-            .order_by("step")
-        )
+        from ..models import StepRun
+        from .latency import step_latency_rows
+        from ..services.retention import LATENCY_TALLY, latency_from_tally
+
+        by_step = latency_from_tally(purged_totals(LATENCY_TALLY))
+        for row in step_latency_rows(step_runs=StepRun.objects.all()):
+            kept = by_step.setdefault(row["step"], {"count": 0, "seconds": 0.0, **{f"le_{i}": 0 for i in range(len(LATENCY_BUCKETS_SECONDS))}})
+            for name, value in row.items():
+                if name != "step":
+                    kept[name] += value
         family = HistogramMetricFamily(
             f"{PREFIX}_step_latency_seconds",
-            "Duration of finished step attempts, from claim to their ending, by step.",
+            "Duration of finished step attempts, from claim to their ending, by step (purged history included).",
             labels=["step"],
         )
-        for row in rows:
-            total = row["total"]
-            seconds = total.total_seconds() if isinstance(total, timedelta) else float(total or 0) / 1e6
+        for step, row in sorted(by_step.items()):
             family.add_metric(
-                [row["step"]],
+                [step],
                 buckets=[(str(b), row[f"le_{i}"]) for i, b in enumerate(LATENCY_BUCKETS_SECONDS)] + [("+Inf", row["count"])],
-                sum_value=seconds,
+                sum_value=row["seconds"],
             )
         return family
 

@@ -272,22 +272,29 @@ def test_unknown_api_path_answers_problem_json_when_no_endpoint_matches(make_cli
 # --- after the retention period ----------------------------------------------------------------
 
 
-def test_resubmission_answers_200_with_the_same_input_when_the_keys_record_was_purged(make_client):
+@pytest.mark.parametrize("hours_later", [25, 31 * 24], ids=["key-forgotten", "history-deleted"])
+def test_resubmission_answers_200_with_the_same_input_when_the_key_was_purged(make_client, hours_later):
     from datetime import timedelta
 
     from django.utils import timezone
 
     from idempotency.purge import records_purge
 
+    def purge() -> int:
+        # Past the key retention (24 h) the key is forgotten; past the history retention (30
+        # days) its record is deleted. Either way the key is free, and the input table decides.
+        report = records_purge(now=timezone.now() + timedelta(hours=hours_later))
+        return report.forgotten + report.deleted
+
     _, _, client = make_client("alice")
     first = submit(client, BODY, key="old")
-    assert records_purge(now=timezone.now() + timedelta(hours=25)).deleted == 1  # retention is 24 h
+    assert purge() == 1
     again = submit(client, BODY, key="old")
     assert again.status_code == 200 and "Idempotent-Replayed" not in again
     assert again.json()["id"] == first.json()["id"]
     other = submit(client, {"pipeline": "default", "payload": {"text": "A different text."}}, key="old2")
     assert other.status_code == 201
-    records_purge(now=timezone.now() + timedelta(hours=25))
+    purge()
     reused = submit(client, BODY, key="old2")
     assert reused.status_code == 422 and problem(reused)["code"] == "idempotency_key_reused"
     assert PipelineInput.objects.count() == 2

@@ -13,7 +13,7 @@ from pipeline_ops.services.tokens import api_token_digest
 COMMANDS = {
     "submit": "pipeline_ops", "retry_failed": "pipeline_ops", "pipeline_status": "pipeline_ops",
     "reconcile": "pipeline_ops", "verify_integrity": "pipeline_ops", "create_api_client": "pipeline_ops",
-    "idempotency_purge": "idempotency",
+    "idempotency_purge": "idempotency", "retention_purge": "pipeline_ops",
 }
 
 
@@ -47,6 +47,7 @@ def test_create_api_client_prints_one_json_object_when_json_is_given():
         ("reconcile", ["--once", "--interval", "0"], "--interval must be positive"),
         ("verify_integrity", ["--limit", "0"], "--limit must be at least 1"),
         ("idempotency_purge", ["--batch-size", "0"], "--batch-size must be at least 1"),
+        ("retention_purge", ["--limit", "0"], "--limit must be at least 1"),
         ("create_api_client", [" "], "must not be empty"),
     ],
 )

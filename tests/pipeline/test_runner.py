@@ -87,6 +87,25 @@ def test_redelivered_task_is_a_no_op_when_pipeline_already_succeeded():
     assert IdempotencyRecord.objects.filter(scope="step", replay_count=1).count() == 3
 
 
+def test_redelivered_task_runs_nothing_and_keeps_the_key_forgotten_when_its_key_retention_has_passed():
+    from idempotency.purge import records_purge
+
+    pipeline_input = submit()
+    drain()
+    before = {o.step: (o.pk, o.output) for o in StepOutput.objects.filter(input=pipeline_input)}
+    assert records_purge(now=timezone.now() + timedelta(hours=25)).forgotten == 3
+
+    # A stale delivery meets a forgotten key: the guard treats it as new, the step (SUCCEEDED)
+    # refuses to start, and the claim is rolled back whole: no attempt, the key still forgotten.
+    outcomes = [step_run_execute_task(step.pk) for step in steps_of(pipeline_input)]
+
+    assert outcomes == [Outcome.NOT_RUNNABLE] * 3
+    assert {o.step: (o.pk, o.output) for o in StepOutput.objects.filter(input=pipeline_input)} == before
+    assert Attempt.objects.filter(record__scope="step").count() == 3
+    assert IdempotencyRecord.objects.filter(scope="step", forgotten_at__isnull=False, attempt_count=1).count() == 3
+    assert queue_rows() == [] and integrity_check().ok
+
+
 def test_step_retries_then_succeeds_when_first_error_is_transient(test_steps, pipeline):
     def flaky(ctx):
         if ctx.attempt_number == 1:

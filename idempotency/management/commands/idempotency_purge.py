@@ -1,5 +1,6 @@
 import sys
 
+from django.core.exceptions import ImproperlyConfigured
 from django.core.management.base import BaseCommand, CommandError
 from tqdm import tqdm
 
@@ -8,43 +9,62 @@ from idempotency.purge import records_purge
 
 class Command(BaseCommand):
     help = (
-        "Delete idempotency records past their retention period, in batches. Never deletes a "
-        "PROCESSING record; ones whose lease expired are reported as stuck for a person to look at."
+        "The idempotency log's two retentions, in batches. Key retention (RETENTION_HOURS, 24 h): "
+        "finished keys are forgotten (their stored result is cleared; the same key then runs again, "
+        "its attempt numbers going on). History retention (HISTORY_RETENTION_HOURS, 30 days): the "
+        "records are deleted with their attempts (errors, tracebacks). Never touches a PROCESSING "
+        "record or a key whose retry is pending; expired leases are reported as stuck for a person."
     )
 
     def add_arguments(self, parser):
-        parser.add_argument("--dry-run", action="store_true", help="Count what would be deleted; delete nothing.")
+        parser.add_argument("--dry-run", action="store_true", help="Count what would be forgotten and deleted; change nothing.")
         parser.add_argument(
             "--older-than", type=float, metavar="HOURS",
-            help="Delete finished records last changed more than HOURS ago, instead of using each record's expiry.",
+            help="Forget finished keys last changed more than HOURS ago, instead of using each key's expiry (key retention).",
         )
-        parser.add_argument("--batch-size", type=int, metavar="N", help="Records deleted per transaction (default: setting PURGE_BATCH_SIZE).")
-        parser.add_argument("--limit", type=int, metavar="N", help="Delete at most N records.")
+        parser.add_argument(
+            "--history-older-than", type=float, metavar="HOURS",
+            help="Delete finished records last changed more than HOURS ago, instead of the history retention.",
+        )
+        parser.add_argument("--batch-size", type=int, metavar="N", help="Records per transaction (default: setting PURGE_BATCH_SIZE).")
+        parser.add_argument("--limit", type=int, metavar="N", help="Forget at most N keys and delete at most N records.")
         parser.add_argument("--json", action="store_true", help="Print the summary as one JSON object.")
 
-    def handle(self, *args, dry_run, older_than, batch_size, limit, json, **options):
-        if older_than is not None and older_than < 0:
-            raise CommandError("--older-than must be zero or more hours.")
+    def handle(self, *args, dry_run, older_than, history_older_than, batch_size, limit, json, **options):
+        for name, value in (("--older-than", older_than), ("--history-older-than", history_older_than)):
+            if value is not None and value < 0:
+                raise CommandError(f"{name} must be zero or more hours.")
+        if older_than is not None and history_older_than is not None and history_older_than < older_than:
+            raise CommandError("--history-older-than must be at least --older-than: the history outlives the key.")
         if batch_size is not None and batch_size < 1:
             raise CommandError("--batch-size must be at least 1.")
         if limit is not None and limit < 1:
             raise CommandError("--limit must be at least 1.")
-        # A progress bar on a terminal only: a scheduled run's log gets the one summary line.
+        # Progress bars on a terminal only: a scheduled run's log gets the one summary line.
         show_progress = not (json or dry_run) and getattr(self.stderr._out, "isatty", lambda: False)()
-        with tqdm(desc="purging", unit=" records", disable=not show_progress, file=self.stderr._out or sys.stderr) as bar:
-            report = records_purge(
-                older_than_hours=older_than, batch_size=batch_size, dry_run=dry_run, limit=limit, on_batch=bar.update,
-            )
+        stream = self.stderr._out or sys.stderr
+        try:
+            with tqdm(desc="forgetting keys", unit=" keys", disable=not show_progress, file=stream) as forget_bar, \
+                    tqdm(desc="deleting history", unit=" records", disable=not show_progress, file=stream) as delete_bar:
+                report = records_purge(
+                    older_than_hours=older_than, history_older_than_hours=history_older_than, batch_size=batch_size,
+                    dry_run=dry_run, limit=limit, on_forget=forget_bar.update, on_batch=delete_bar.update,
+                )
+        except ImproperlyConfigured as exc:
+            raise CommandError(str(exc)) from None
         if json:
             import json as json_module
 
             self.stdout.write(json_module.dumps({
-                "dry_run": dry_run, "deleted": report.deleted, "candidates": report.candidates,
+                "dry_run": dry_run, "forgotten": report.forgotten, "forget_candidates": report.forget_candidates,
+                "deleted": report.deleted, "candidates": report.candidates,
                 "stuck": report.stuck, "stuck_examples": report.stuck_examples,
             }))
             return
-        verb = "would delete" if dry_run else "deleted"
-        count = report.candidates if dry_run else report.deleted
-        self.stdout.write(f"idempotency_purge: {verb} {count} record(s); {report.stuck} stuck (PROCESSING, lease expired) kept.")
+        if dry_run:
+            done = f"would forget {report.forget_candidates} key(s); would delete {report.candidates} record(s) with their attempts"
+        else:
+            done = f"forgot {report.forgotten} key(s); deleted {report.deleted} record(s) with their attempts"
+        self.stdout.write(f"idempotency_purge: {done}; {report.stuck} stuck (PROCESSING, lease expired) kept.")
         for example in report.stuck_examples:
             self.stdout.write(f"  stuck: {example}")
