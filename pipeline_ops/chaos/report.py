@@ -92,6 +92,9 @@ def render(summaries: list[dict]) -> str:
     first = summaries[0]
     lines.append(f"queue messages left: {_cell(first, 'queue_messages_left')}")
     lines.append(f"deliveries per step: {first.get('deliveries_per_step', '-')}")
+    if "deliveries_per_step_beyond_the_scenario" in first:
+        lines.append("deliveries per step beyond the scenario's duplicate enqueues and retries: "
+                     f"{first['deliveries_per_step_beyond_the_scenario']}")
     queue = first.get("queue") or {}
     if queue:
         lines.append(f"queue peak: {queue['peak']} messages ({queue['queued_steps_at_peak']} steps QUEUED then); "

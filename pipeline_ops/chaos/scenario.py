@@ -418,6 +418,13 @@ def run_guarded(cfg: ChaosConfig) -> dict:
         unknown_outcomes=summary["unknown_outcomes"] + late.delivered,
         knobs=cfg.knobs(),
     )
+    # The broker's and reconciler's own share: deliveries less the ones the scenario asked for
+    # (its duplicate enqueues, and the retries its injected errors and kills scheduled: one
+    # delivery per attempt beyond a key's first). Above 1.0 it is redelivery nobody asked for.
+    steps_total = summary["steps"] or 1
+    summary["deliveries_per_step_beyond_the_scenario"] = round(
+        (summary["deliveries"]["total"] - faults.counts["duplicate_enqueues"] - summary["retries"]) / steps_total, 3
+    )
     summary["integrity"] = integrity_check()
     summary["ok"] = (
         summary["duplicates"] == 0 and summary["lost"] == 0 and summary["integrity"]["ok"]
