@@ -45,10 +45,11 @@ def _enqueue(func: str, arg, *, name: str) -> None:
         transaction.on_commit(send)
 
 
-def step_task_row(*, step_run_id: int) -> tuple[str, str]:
-    """The queue row of one step task as ``(key, payload)``, exactly what ``async_task`` hands the
-    ORM broker (the same task dict, ``pre_enqueue`` signal and signature), for a completion that
-    inserts the next step's row in its own statement (``pipeline_ops.hotpath``)."""
+def step_task_payload(*, step_run_id: int) -> str:
+    """The signed package of one step task, exactly what ``async_task`` hands a broker (the same
+    task dict, ``pre_enqueue`` signal and signature): for the callers that write queue rows in a
+    statement of their own (a step's completion, a bulk submission), so that a worker cannot tell
+    their tasks from ``step_run_enqueue``'s."""
     from django.utils import timezone
     from django_q.conf import Conf
     from django_q.humanhash import uuid
@@ -64,8 +65,14 @@ def step_task_row(*, step_run_id: int) -> tuple[str, str]:
     task["kwargs"] = {}
     task["started"] = timezone.now()
     pre_enqueue.send(sender="django_q", task=task)
-    broker = process_broker()
-    return broker.list_key or Conf.CLUSTER_NAME, SignedPackage.dumps(task)
+    return SignedPackage.dumps(task)
+
+
+def step_task_row(*, step_run_id: int) -> tuple[str, str]:
+    """The queue row ``(key, payload)`` of one step task on the table brokers."""
+    from django_q.conf import Conf
+
+    return process_broker().list_key or Conf.CLUSTER_NAME, step_task_payload(step_run_id=step_run_id)
 
 
 def step_run_enqueue(*, step_run_id: int) -> None:

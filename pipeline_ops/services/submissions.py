@@ -27,7 +27,7 @@ from ..errors import PipelineOpsError
 from ..models import PipelineInput, StepRun
 from ..pipelines import pipeline_get
 # queueing's per-process broker: the one the chaos harness re-points when it swaps brokers.
-from ..queueing import STEP_TASK, process_broker, step_run_enqueue, uses_transactional_broker
+from ..queueing import process_broker, step_run_enqueue, step_task_payload, uses_transactional_broker
 from ..states import StepStatus
 from .validation import PayloadValidationError, input_payload_validate
 
@@ -211,30 +211,16 @@ def _csv_read(stream, *, pipeline, key_column, pipeline_column):
 def _tasks_bulk_enqueue(step_run_ids: list[int]) -> None:
     """Put one task per step run on the queue with one statement (ORM broker) or one RPUSH (Redis).
 
-    The packages are built exactly as ``django_q.tasks.async_task`` builds them (same fields,
-    same signing), so a worker cannot tell them apart from ``queueing.step_run_enqueue``'s.
+    The packages are ``queueing.step_task_payload``'s: a worker cannot tell them apart from
+    ``queueing.step_run_enqueue``'s.
     """
     from django_q.conf import Conf
-    from django_q.humanhash import uuid as q_uuid
     from django_q.models import OrmQ
-    from django_q.signals import pre_enqueue
-    from django_q.signing import SignedPackage
 
     if not step_run_ids:
         return
     broker = process_broker()
-    packages = []
-    for step_run_id in step_run_ids:
-        tag = q_uuid()
-        task = {"id": tag[1], "name": f"step_run:{step_run_id}", "func": STEP_TASK, "args": (step_run_id,)}
-        if Conf.CACHED:
-            task["cached"] = Conf.CACHED
-        if Conf.ACK_FAILURES:
-            task["ack_failure"] = Conf.ACK_FAILURES
-        task["kwargs"] = {}
-        task["started"] = timezone.now()
-        pre_enqueue.send(sender="django_q", task=task)
-        packages.append(SignedPackage.dumps(task))
+    packages = [step_task_payload(step_run_id=step_run_id) for step_run_id in step_run_ids]
     if uses_transactional_broker():
         # Same alias as our models: these rows commit or roll back with the batch (the outbox).
         if hasattr(broker, "enqueue_many"):

@@ -2,6 +2,8 @@ import sys
 
 from django.core.exceptions import ImproperlyConfigured
 from django.core.management.base import BaseCommand, CommandError
+
+from idempotency.management.purge_arguments import purge_arguments_add, purge_arguments_check
 from tqdm import tqdm
 
 from idempotency.purge import records_purge
@@ -17,29 +19,13 @@ class Command(BaseCommand):
     )
 
     def add_arguments(self, parser):
-        parser.add_argument("--dry-run", action="store_true", help="Count what would be forgotten and deleted; change nothing.")
-        parser.add_argument(
-            "--older-than", type=float, metavar="HOURS",
-            help="Forget finished keys last changed more than HOURS ago, instead of using each key's expiry (key retention).",
+        purge_arguments_add(
+            parser, rows="Records", limit_help="Forget at most N keys and delete at most N records.",
+            history_help="Delete finished records last changed more than HOURS ago, instead of the history retention.",
         )
-        parser.add_argument(
-            "--history-older-than", type=float, metavar="HOURS",
-            help="Delete finished records last changed more than HOURS ago, instead of the history retention.",
-        )
-        parser.add_argument("--batch-size", type=int, metavar="N", help="Records per transaction (default: setting PURGE_BATCH_SIZE).")
-        parser.add_argument("--limit", type=int, metavar="N", help="Forget at most N keys and delete at most N records.")
-        parser.add_argument("--json", action="store_true", help="Print the summary as one JSON object.")
 
     def handle(self, *args, dry_run, older_than, history_older_than, batch_size, limit, json, **options):
-        for name, value in (("--older-than", older_than), ("--history-older-than", history_older_than)):
-            if value is not None and value < 0:
-                raise CommandError(f"{name} must be zero or more hours.")
-        if older_than is not None and history_older_than is not None and history_older_than < older_than:
-            raise CommandError("--history-older-than must be at least --older-than: the history outlives the key.")
-        if batch_size is not None and batch_size < 1:
-            raise CommandError("--batch-size must be at least 1.")
-        if limit is not None and limit < 1:
-            raise CommandError("--limit must be at least 1.")
+        purge_arguments_check(older_than=older_than, history_older_than=history_older_than, batch_size=batch_size, limit=limit)
         # Progress bars on a terminal only: a scheduled run's log gets the one summary line.
         show_progress = not (json or dry_run) and getattr(self.stderr._out, "isatty", lambda: False)()
         stream = self.stderr._out or sys.stderr

@@ -3,6 +3,8 @@ import json as json_module
 from django.core.exceptions import ImproperlyConfigured
 from django.core.management.base import BaseCommand, CommandError
 
+from idempotency.management.purge_arguments import purge_arguments_add, purge_arguments_check
+
 from pipeline_ops.management.progress import progress_bar
 from pipeline_ops.services.retention import retention_purge
 
@@ -17,31 +19,15 @@ class Command(BaseCommand):
     )
 
     def add_arguments(self, parser):
-        parser.add_argument("--dry-run", action="store_true", help="Count what would be forgotten and deleted; change nothing.")
-        parser.add_argument(
-            "--older-than", type=float, metavar="HOURS",
-            help="Forget finished keys last changed more than HOURS ago, instead of the key retention.",
+        purge_arguments_add(
+            parser, rows="Rows", limit_help="At most N rows of each kind (inputs, actions, records, keys).",
+            history_help="Delete finished history last changed more than HOURS ago, instead of the history retention.",
         )
-        parser.add_argument(
-            "--history-older-than", type=float, metavar="HOURS",
-            help="Delete finished history last changed more than HOURS ago, instead of the history retention.",
-        )
-        parser.add_argument("--batch-size", type=int, metavar="N", help="Rows per transaction (default: IDEMPOTENCY PURGE_BATCH_SIZE).")
-        parser.add_argument("--limit", type=int, metavar="N", help="At most N rows of each kind (inputs, actions, records, keys).")
-        parser.add_argument("--json", action="store_true", help="Print the summary as one JSON object on stdout.")
         parser.add_argument("--progress", action="store_true", default=None, help="Always draw the progress bar (default: only on a terminal).")
         parser.add_argument("--no-progress", action="store_false", dest="progress", help="Never draw the progress bar.")
 
     def handle(self, *args, dry_run, older_than, history_older_than, batch_size, limit, json, progress, **options):
-        for name, value in (("--older-than", older_than), ("--history-older-than", history_older_than)):
-            if value is not None and value < 0:
-                raise CommandError(f"{name} must be zero or more hours.")
-        if older_than is not None and history_older_than is not None and history_older_than < older_than:
-            raise CommandError("--history-older-than must be at least --older-than: the history outlives the key.")
-        if batch_size is not None and batch_size < 1:
-            raise CommandError("--batch-size must be at least 1.")
-        if limit is not None and limit < 1:
-            raise CommandError("--limit must be at least 1.")
+        purge_arguments_check(older_than=older_than, history_older_than=history_older_than, batch_size=batch_size, limit=limit)
         bar = progress_bar(total=None, desc="purging", unit=" rows", enabled=False if dry_run or json else progress,
                            stream=self.stderr._out)
         try:
