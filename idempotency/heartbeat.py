@@ -99,12 +99,16 @@ class Heartbeat:
         self.stop()
 
     def stop(self) -> None:
-        """End the heartbeat: no more beats, the lock given back. Idempotent."""
+        """End the heartbeat: no more beats (one in progress finishes first), the lock given back
+        (with the session's next statement, at most ``liveness.CHECK_SECONDS`` later). Idempotent."""
         if self._ended:
             return
         self._ended = True
-        _beats().remove(self)
+        beats = _beats()
+        beats.remove(self)
         self._let_go()
+        if self._session is not None and self._session.unlock_due:
+            beats.wake_by(time.monotonic() + liveness.CHECK_SECONDS)
 
     def _let_go(self) -> None:
         if self._session is not None and self.hold is not None:
@@ -112,7 +116,8 @@ class Heartbeat:
 
     # --- called by the heartbeat thread ---------------------------------------------------------
 
-    def _beat(self) -> None:
+    def _beat(self) -> bool:
+        """One beat; False once the attempt lost its key (it is beaten no more)."""
         try:
             held = guard.heartbeat(attempt=self.attempt, lease_seconds=self.lease_seconds)
         except Exception:  # noqa: BLE001 - a database hiccup: keep the work going, try again next beat
@@ -120,16 +125,15 @@ class Heartbeat:
             self.errors += 1
             _close_if_unusable(self._alias)
             self.due = time.monotonic() + self.interval
-            return
+            return True
         self.beats += 1
         if not held:
             log.info("attempt %s no longer holds its key: stop", self.attempt.pk)
             self.due = math.inf
             self.stop_event.set()
-            _beats().remove(self)
-            self._let_go()  # the key's fate is no longer this attempt's: let the new holder lock
-            return
+            return False
         self.due = time.monotonic() + self.interval
+        return True
 
 
 def _close_if_unusable(alias: str) -> None:
@@ -155,7 +159,9 @@ class _Beats:
         self.condition = threading.Condition()
         self.live: set[Heartbeat] = set()
         self.thread: threading.Thread | None = None
-        self.wake_at = math.inf  # monotonic time the thread will look next (inf: asleep for a new attempt)
+        self.beating: Heartbeat | None = None  # the heartbeat whose beat is in progress
+        self.wake_at = math.inf  # monotonic time the sleeping thread looks next (-inf: it is busy)
+        self.requested = math.inf  # the earliest look asked for by wake_by since the thread last slept
 
     def add(self, heartbeat: Heartbeat) -> None:
         with self.condition:
@@ -163,26 +169,54 @@ class _Beats:
             if self.thread is None:
                 self.thread = threading.Thread(target=self._run, name="idempotency-heartbeat", daemon=True)
                 self.thread.start()
-            wanted = heartbeat.due
-            if heartbeat.hold is not None:
-                wanted = min(wanted, time.monotonic() + liveness.CHECK_SECONDS)
-            if wanted < self.wake_at:  # rare under load: the thread already wakes often enough
-                self.wake_at = wanted
-                self.condition.notify()
+        wanted = heartbeat.due
+        if heartbeat.hold is not None:
+            wanted = min(wanted, time.monotonic() + liveness.CHECK_SECONDS)
+        self.wake_by(wanted)
+
+    def wake_by(self, moment: float) -> None:
+        """Make sure the thread looks again by ``moment`` (monotonic). Under load it already
+        does: no wake-up, no lock, per attempt. (``wake_at`` is -inf while the thread is busy, so
+        a request made then is always recorded and counted in its next sleep.)"""
+        if moment >= self.wake_at:
+            return
+        with self.condition:
+            self.requested = min(self.requested, moment)
+            if moment < self.wake_at:
+                self.condition.notify_all()
 
     def remove(self, heartbeat: Heartbeat) -> None:
+        """No more beats for ``heartbeat``; a beat of it in progress finishes first, so none runs
+        after its block ended (the step runner's beater promises the same)."""
         with self.condition:
             self.live.discard(heartbeat)
+            while self.beating is heartbeat:
+                self.condition.wait()
 
     def _run(self) -> None:
         aliases: set[str] = set()
         while True:
             with self.condition:
+                self.wake_at = -math.inf  # busy: every wake_by is recorded
                 now = time.monotonic()
                 due = [heartbeat for heartbeat in self.live if heartbeat.due <= now]
             for heartbeat in due:
+                with self.condition:
+                    if heartbeat not in self.live:
+                        continue  # its block ended meanwhile
+                    self.beating = heartbeat
                 aliases.add(heartbeat._alias)
-                heartbeat._context.run(heartbeat._beat)
+                keep = True
+                try:
+                    keep = heartbeat._context.run(heartbeat._beat)
+                finally:
+                    with self.condition:
+                        self.beating = None
+                        if not keep:
+                            self.live.discard(heartbeat)
+                        self.condition.notify_all()
+                if not keep:
+                    heartbeat._let_go()  # the key's fate is no longer this attempt's: let its new holder lock
             wait = _IDLE_WAIT_SECONDS
             for session in liveness.sessions():
                 again = session.check()
@@ -195,9 +229,10 @@ class _Beats:
                     aliases.clear()
                 now = time.monotonic()
                 next_beat = min((heartbeat.due for heartbeat in self.live), default=math.inf)
-                self.wake_at = min(next_beat, now + wait)
-                if self.wake_at > now:
-                    self.condition.wait(timeout=min(self.wake_at - now, _IDLE_WAIT_SECONDS))
+                target, self.requested = min(next_beat, now + wait, self.requested), math.inf
+                if target > now:
+                    self.wake_at = target
+                    self.condition.wait(timeout=min(target - now, _IDLE_WAIT_SECONDS))
 
 
 _process_beats: _Beats | None = None

@@ -50,6 +50,7 @@ shared with strangers). Then the lease alone decides, as on SQLite.
 """
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import select
@@ -126,10 +127,15 @@ def holder_gone(record: IdempotencyRecord) -> bool:
 
 
 def _take_sql(connection) -> str:
-    """One statement that, for each attempt id in an array, tries the attempt's lock *only if the
-    attempt still holds its key* (RUNNING, its record PROCESSING under its number), and sets the
-    flag where the lock was taken and the flag is not set yet. Rows: (attempt id, held); an
-    attempt that no longer holds its key has no row."""
+    """One statement that first gives back the locks in an array of keys (attempts that ended
+    since the last statement: ``LivenessSession.let_go``), then, for each attempt id in a second
+    array, tries the attempt's lock *only if the attempt still holds its key* (RUNNING, its
+    record PROCESSING under its number), and sets the flag where the lock was taken and the flag
+    is not set yet. Rows: (attempt id, held), or one row of NULLs when no attempt matched; an
+    attempt that no longer holds its key has no row.
+
+    The order of the two does not matter: the locks stack, one per attempt, so a key both given
+    back and taken (a key's next attempt in the same process) ends up held once either way."""
     qn = connection.ops.quote_name
     a_table, r_table = qn(Attempt._meta.db_table), qn(IdempotencyRecord._meta.db_table)
 
@@ -142,18 +148,20 @@ def _take_sql(connection) -> str:
     # The target list runs only for the rows the join and WHERE kept: a lost key is never locked.
     # The flag's UPDATE skips a set flag (a lock taken again): no write, no wait on the row.
     return (
-        f"WITH got AS (SELECT a.{a('id')} AS attempt_id, "
+        f"WITH freed AS (SELECT pg_advisory_unlock(%s::int, k) FROM unnest(%s::int[]) AS k), "
+        f"got AS (SELECT a.{a('id')} AS attempt_id, "
         f"pg_try_advisory_lock(%s::int, (r.{r('id')} %% {_KEY_SPACE})::int) AS held "
         f"FROM {a_table} a JOIN {r_table} r ON r.{r('id')} = a.{a('record')} "
         f"WHERE a.{a('id')} = ANY(%s) AND a.{a('status')} = %s AND r.{r('status')} = %s "
         f"AND r.{r('attempt_count')} = a.{a('number')}), "
         f"marked AS (UPDATE {a_table} SET {a('liveness_lock')} = true FROM got "
         f"WHERE got.held AND {a_table}.{a('id')} = got.attempt_id AND NOT {a_table}.{a('liveness_lock')} RETURNING 1) "
-        f"SELECT attempt_id, held FROM got"
+        # count(*) over freed makes sure every unlock runs, whether or not an attempt matched.
+        f"SELECT got.attempt_id, got.held FROM (SELECT count(*) FROM freed) AS f LEFT JOIN got ON true"
     )
 
 
-_UNLOCK_SQL = "SELECT pg_advisory_unlock(%s::int, %s::int)"
+_UNLOCK_SQL = "SELECT count(pg_advisory_unlock(%s::int, k)) FROM unnest(%s::int[]) AS k"
 
 
 @dataclass(eq=False)
@@ -190,6 +198,10 @@ class LivenessSession:
         self.backend_pid: int | None = None
         self.connects = 0  # connections opened so far (tests and operators read it)
         self.live: dict[Any, Hold] = {}  # attempt pk -> its hold
+        # Keys of ended attempts whose locks the session still holds: given back with the next
+        # statement (the next attempt's take) or by ``check`` within CHECK_SECONDS, whichever
+        # comes first. Under load that saves every attempt its own unlock round trip.
+        self.unlock_due: list[int] = []
         self.idle_since = time.monotonic()
 
     # --- what the heartbeat calls -------------------------------------------------------------
@@ -210,23 +222,22 @@ class LivenessSession:
 
     def let_go(self, hold: Hold) -> None:
         """Give ``hold``'s lock back. Call it only once the attempt's completion or failure has
-        committed (or once it lost its key): until then a retry must see it alive."""
+        committed (or once it lost its key): until then a retry must see it alive.
+
+        The unlock itself rides on the session's next statement, at most CHECK_SECONDS later
+        (``unlock_due``): held a moment longer, a lock whose key's fate has committed can only
+        delay the lock of that key's next attempt in another process (its lease covers it
+        meanwhile); it never makes a live holder look dead."""
         with self.lock:
             hold.ended = True
             if self.live.get(hold.attempt.pk) is hold:
                 del self.live[hold.attempt.pk]
             if not self.live:
                 self.idle_since = time.monotonic()
-            if not hold.locked:
-                return
-            hold.locked = False
-            if self.connection is None or self.pid != os.getpid():
-                return
-            try:
-                self.connection.execute(_UNLOCK_SQL, [NAMESPACE, hold.key])
-            except Exception:  # noqa: BLE001 - the others' locks went with the session: check() takes them again
-                log.warning("releasing the liveness lock of attempt %s failed; the session is renewed", hold.attempt.pk, exc_info=True)
-                self._drop()
+            if hold.locked:
+                hold.locked = False
+                if self.connection is not None and self.pid == os.getpid():
+                    self.unlock_due.append(hold.key)
 
     def check(self) -> float | None:
         """Called by the process's heartbeat thread: notice a session the server ended, take
@@ -235,6 +246,13 @@ class LivenessSession:
         with self.lock:
             if self.pid != os.getpid():
                 return None
+            if self.unlock_due and self.connection is not None:
+                keys, self.unlock_due = self.unlock_due, []
+                try:
+                    self.connection.execute(_UNLOCK_SQL, [NAMESPACE, keys])
+                except Exception:  # noqa: BLE001 - the locks went with the session; the live ones are taken again below
+                    log.warning("giving back %d liveness locks failed; the session is renewed", len(keys), exc_info=True)
+                    self._drop()
             if not self.live:
                 if self.connection is None:
                     return None
@@ -259,8 +277,17 @@ class LivenessSession:
             return CHECK_SECONDS
 
     def close(self) -> None:
-        """Close the session (releasing every lock in it). For shutdown and tests."""
+        """Close the session (releasing every lock in it). At exit, and for tests. The locks of
+        ended attempts are given back first, with a reply: once this returns they are free (a
+        goodbye alone is handled by the server when it gets to it)."""
         with self.lock:
+            if self.pid != os.getpid():
+                return
+            if self.unlock_due and self.connection is not None:
+                try:
+                    self.connection.execute(_UNLOCK_SQL, [NAMESPACE, self.unlock_due])
+                except Exception:  # noqa: BLE001 - closing releases them anyway
+                    log.debug("giving back the liveness locks at close failed", exc_info=True)
             self._drop()
 
     # --- inside the lock ----------------------------------------------------------------------
@@ -286,8 +313,9 @@ class LivenessSession:
             self._connect()
         connection = _connection(self.alias)
         ids = [Attempt._meta.pk.get_db_prep_value(hold.attempt.pk, connection) for hold in holds]
-        params = [NAMESPACE, ids, AttemptStatus.RUNNING.value, RecordStatus.PROCESSING.value]
-        rows = {str(pk): held for pk, held in self.connection.execute(_take_sql(connection), params).fetchall()}
+        keys, self.unlock_due = self.unlock_due, []
+        params = [NAMESPACE, keys, NAMESPACE, ids, AttemptStatus.RUNNING.value, RecordStatus.PROCESSING.value]
+        rows = {str(pk): held for pk, held in self.connection.execute(_take_sql(connection), params).fetchall() if pk is not None}
         for hold, pk in zip(holds, ids):
             held = rows.get(str(pk))
             if held is None:
@@ -313,11 +341,13 @@ class LivenessSession:
     def _drop(self) -> None:
         """Close the connection (its locks go with it) and mark every live attempt unlocked."""
         self._close()
+        self.unlock_due = []
         for hold in self.live.values():
             hold.locked = False
 
     def _close(self) -> None:
         connection, self.connection, self.backend_pid = self.connection, None, None
+        self.unlock_due = []
         if connection is not None:
             try:
                 connection.close()
@@ -370,6 +400,15 @@ def _disown(inherited: LivenessSession) -> None:
     except Exception:  # noqa: BLE001 - the socket is already gone in this process
         log.debug("could not detach the inherited liveness socket", exc_info=True)
     _inherited.append(connection)
+
+
+def _close_at_exit() -> None:
+    """A process that ends cleanly says goodbye: its locks are free when it is gone."""
+    for current in sessions():
+        current.close()
+
+
+atexit.register(_close_at_exit)
 
 
 def _after_fork_in_child() -> None:
