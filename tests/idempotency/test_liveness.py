@@ -350,11 +350,13 @@ def test_concurrent_attempts_share_one_liveness_session_when_they_run_in_one_pro
     for key, record_id in records.items():
         assert lock_holder_pids(record_id) == [backend], key  # stacked in the one session
     assert Attempt.objects.filter(record_id__in=records.values(), liveness_lock=True).count() == 6
-    # Each lock is held exactly while its attempt runs: it goes with its own ending, not before.
+    # Each lock is held while its attempt runs, and given back after its ending committed (with
+    # the session's next statement: at most liveness.CHECK_SECONDS later), never before.
     for done, block in enumerate(blocks):
+        assert lock_holder_pids(records[block.key]) == [backend], block.key
         block.finish()
         assert not block.run_.fenced
-        assert lock_holder_pids(records[block.key]) == []
+        _wait_for(lambda key=block.key: lock_holder_pids(records[key]) == [], what=f"{block.key}'s lock given back")
         for later in blocks[done + 1:]:
             assert lock_holder_pids(records[later.key]) == [backend], later.key
     assert session.connects - connects <= 1 and liveness_backends() in ([backend], [])
@@ -408,6 +410,38 @@ def test_locks_are_taken_again_on_a_new_session_when_the_liveness_session_was_te
 
 
 @pytest.mark.postgres
+def test_successor_keeps_the_lock_when_its_superseded_predecessor_in_the_same_process_ends():
+    first = claim("twin")
+    old = Heartbeat(attempt=first.attempt, lease_seconds=LONG_LEASE).__enter__()
+    new = None
+    try:
+        backend = liveness.session().backend_pid
+        assert old.lock_held
+        # The old attempt's lease "ran out" (as a claim with a later clock sees it) while it is
+        # still working: a takeover that happens to run in the same process.
+        second = claim("twin", now=db_now() + timedelta(seconds=LONG_LEASE + 1))
+        assert isinstance(second, guard.Claimed) and second.attempt.number == 2
+        new = Heartbeat(attempt=second.attempt, lease_seconds=LONG_LEASE).__enter__()
+        assert new.lock_held  # the same session holds it once more: the locks stack
+        assert Attempt.objects.get(pk=second.attempt.pk).liveness_lock is True
+
+        old.stop()  # the superseded attempt ends: its share of the lock goes, the successor's stays
+        _wait_for(lambda: not liveness.session().unlock_due, what="the old attempt's unlock sent")
+        assert lock_holder_pids(first.attempt.record_id) == [backend]
+        assert isinstance(claim("twin"), guard.InFlight)  # not "gone": its lock is held
+
+        new.stop()  # without completing, as a process that dies mid-work
+        _wait_for(lambda: lock_holder_pids(first.attempt.record_id) == [], what="the lock given back")
+        took = claim("twin")
+        assert isinstance(took, guard.Claimed) and took.attempt.number == 3
+        assert Attempt.objects.get(pk=second.attempt.pk).error_type == "HolderGone"
+    finally:
+        old.stop()
+        if new is not None:
+            new.stop()
+
+
+@pytest.mark.postgres
 def test_forked_child_opens_its_own_liveness_session_when_the_parent_holds_locks():
     parent_claim = claim("fork-parent")
     child_claim = claim("fork-child")
@@ -452,7 +486,7 @@ def test_forked_child_opens_its_own_liveness_session_when_the_parent_holds_locks
         assert liveness_backends() == [parent_backend]
         wait_until_session_ended(report["backend"])
         assert isinstance(claim("fork-parent"), guard.InFlight)
-    assert lock_holder_pids(parent_claim.attempt.record_id) == []
+    _wait_for(lambda: lock_holder_pids(parent_claim.attempt.record_id) == [], what="the parent's lock given back")
 
 
 @pytest.mark.postgres
@@ -486,7 +520,7 @@ def test_heartbeat_beats_again_when_its_beat_connection_was_terminated(caplog):
         assert lock_holder_pids(record_id) == [lock_backend]  # the lock's session was not involved
         assert isinstance(guard.claim(scope=SCOPE, key="blip", operation=OPERATION, fingerprint=FP), guard.InFlight)
     assert "heartbeat of attempt" in caplog.text and "trying again at the next beat" in caplog.text
-    assert lock_holder_pids(record_id) == []
+    _wait_for(lambda: lock_holder_pids(record_id) == [], what="the lock given back")
 
 
 @pytest.mark.postgres
@@ -497,4 +531,4 @@ def test_lock_is_held_for_the_whole_block_when_idempotent_runs_on_postgresql():
         assert backend == liveness.session().backend_pid != connection.connection.info.backend_pid
         run.complete({"ok": True})
         assert lock_holder_pids(run.attempt.record_id) == [backend]  # still held once the completion committed
-    assert lock_holder_pids(run.attempt.record_id) == []
+    _wait_for(lambda: lock_holder_pids(run.attempt.record_id) == [], what="the lock given back")
