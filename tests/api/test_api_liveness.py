@@ -204,3 +204,58 @@ def test_request_longer_than_its_lease_is_never_taken_over_when_its_retry_comes(
     replay = post(session, gated_server, path, key)
     assert replay.status_code == 201 and replay.headers["Idempotent-Replayed"] == "true"
     assert replay.content == first.response.content
+
+
+@pytest.mark.postgres
+def test_each_worker_keeps_one_liveness_session_when_keyed_requests_come_concurrently(gated_server, live_client):
+    """No connection per request: every keyed request of a worker takes its lock in the worker's
+    one liveness session (``idempotency-liveness:<worker pid>``), however many come."""
+    token = live_client("many")
+    requests_count, threads_count = 36, 6
+    keys = iter(range(requests_count))
+    keys_lock = threading.Lock()
+    statuses: list[int] = []
+    seen: dict[str, set[int]] = {}
+    done = threading.Event()
+
+    def client():
+        session = requests.Session()
+        session.headers.update(token.headers)
+        while True:
+            with keys_lock:
+                number = next(keys, None)
+            if number is None:
+                return
+            statuses.append(post(session, gated_server, "/api/v1/inputs/", f"many-{number}").status_code)
+
+    def sample():
+        from django.db import connections
+
+        try:
+            while not done.is_set():
+                with connections["default"].cursor() as cursor:
+                    cursor.execute(
+                        "SELECT application_name, pid FROM pg_stat_activity WHERE datname = current_database() "
+                        "AND application_name LIKE %s",
+                        [f"{liveness.APPLICATION_NAME}:%"],
+                    )
+                    for name, pid in cursor.fetchall():
+                        seen.setdefault(name, set()).add(pid)
+        finally:
+            connections.close_all()
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    clients = [threading.Thread(target=client, daemon=True) for _ in range(threads_count)]
+    for thread in clients:
+        thread.start()
+    for thread in clients:
+        thread.join(120)
+    done.set()
+    sampler.join(30)
+    assert statuses == [201] * requests_count, statuses
+    assert PipelineInput.objects.count() == requests_count
+    assert Attempt.objects.filter(liveness_lock=True).count() == requests_count  # each one was locked
+    assert seen, "no liveness session was ever seen"
+    assert len(seen) <= 3  # the server's workers
+    assert all(len(pids) == 1 for pids in seen.values()), seen  # one session per worker, for all its requests
