@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from django.contrib.auth.models import AbstractBaseUser
-from django.db import IntegrityError, transaction
+from django.db import IntegrityError, connections, router, transaction
 from django.db.models import Count
 from django.utils import timezone
 
@@ -37,12 +37,20 @@ def input_submit(
     Raises UnknownPipelineError.
     """
     spec = pipeline_get(name=pipeline)
+    pipeline_input = PipelineInput(
+        pipeline=spec.name, payload=payload, submission_scope=scope, idempotency_key=key, submitted_by=submitted_by,
+    )
+    # A keyed submission's insert does nothing on a conflict (no error), so no savepoint is
+    # needed inside a caller's transaction (the API's, which completes its key in it).
+    keyed_insert = bool(key) and _insert_if_new_supported()
     try:
-        with transaction.atomic():
-            pipeline_input = PipelineInput.objects.create(
-                pipeline=spec.name, payload=payload, submission_scope=scope, idempotency_key=key,
-                submitted_by=submitted_by,
-            )
+        with transaction.atomic(savepoint=not keyed_insert):
+            if keyed_insert:
+                if not _input_insert_if_new(pipeline_input):
+                    existing = PipelineInput.objects.get(submission_scope=scope, idempotency_key=key)
+                    return SubmitResult(input=existing, created=False)
+            else:
+                pipeline_input.save(force_insert=True)
             steps = StepRun.objects.bulk_create(
                 [
                     StepRun(
@@ -57,11 +65,38 @@ def input_submit(
             first = steps[0] if steps[0].pk else StepRun.objects.get(input=pipeline_input, position=0)
             step_run_enqueue(step_run_id=first.pk)
     except IntegrityError:
-        if not key:
+        if not key or keyed_insert:
             raise
         existing = PipelineInput.objects.get(submission_scope=scope, idempotency_key=key)
         return SubmitResult(input=existing, created=False)
     return SubmitResult(input=pipeline_input, created=True)
+
+
+def _insert_if_new_supported() -> bool:
+    # PostgreSQL and SQLite (3.35+) both take ON CONFLICT ... WHERE ... DO NOTHING RETURNING.
+    return connections[router.db_for_write(PipelineInput)].vendor in ("postgresql", "sqlite")
+
+
+def _input_insert_if_new(pipeline_input: PipelineInput) -> bool:
+    """Insert ``pipeline_input`` unless an input with its scope and key exists (the partial unique
+    constraint decides); True when this call inserted it."""
+    connection = connections[router.db_for_write(PipelineInput)]
+    qn = connection.ops.quote_name
+    fields = PipelineInput._meta.concrete_fields
+    values = [f.get_db_prep_save(f.pre_save(pipeline_input, add=True), connection) for f in fields]
+    sql = (
+        f"INSERT INTO {qn(PipelineInput._meta.db_table)} ({', '.join(qn(f.column) for f in fields)}) "
+        f"VALUES ({', '.join(['%s'] * len(fields))}) "
+        # The predicate as the migration wrote the partial index (SQLite matches it by its form).
+        f"ON CONFLICT ({qn('submission_scope')}, {qn('idempotency_key')}) WHERE NOT ({qn('idempotency_key')} = '') "
+        f"DO NOTHING RETURNING {qn('id')}"
+    )
+    with connection.cursor() as cursor:
+        cursor.execute(sql, values)
+        inserted = cursor.fetchone() is not None
+    if inserted:
+        pipeline_input._state.adding, pipeline_input._state.db = False, connection.alias
+    return inserted
 
 
 # The guard's scope for step keys; a step's key is ``StepRun.idempotency_key`` ("<input>:<step>").

@@ -12,7 +12,7 @@ pytestmark = pytest.mark.django_db(transaction=True)
 
 # The token lookup, the claim (one statement), then one transaction: the input, its steps, the
 # first step's queue row, the steps read back for the response, the completion of the key.
-KEYED_POST_BUDGET = {"postgresql": 12, "sqlite": 15}
+KEYED_POST_BUDGET = {"postgresql": 10, "sqlite": 13}
 
 
 def test_keyed_post_stays_within_its_statement_budget_when_the_key_is_new(make_client):
