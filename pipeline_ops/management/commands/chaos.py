@@ -69,8 +69,9 @@ class Command(BaseCommand):
         parser.add_argument("--inputs", type=_positive, default=30, help="Inputs to submit (default 30).")
         parser.add_argument("--workers", type=_positive, default=2, help="Workers per cluster (default 2).")
         parser.add_argument("--clusters", type=_positive, default=2, help="qcluster processes (default 2; always 1 on SQLite).")
-        parser.add_argument("--broker", choices=BROKERS, default=settings.PIPELINE_OPS_BROKER,
-                            help="django-q2 broker for the run (default: the configured one).")
+        parser.add_argument("--broker", choices=BROKERS, default=None,
+                            help="django-q2 broker for the run (default: the run's database's default: "
+                                 "postgres on PostgreSQL, orm on SQLite, or PIPELINE_OPS_BROKER).")
         parser.add_argument("--database", metavar="URL", default="",
                             help="Run against this DATABASE_URL instead of the configured database (migrated first).")
         parser.add_argument("--seed", type=int, default=7, help="Seed for texts, faults and the model server (default 7).")
@@ -130,7 +131,8 @@ class Command(BaseCommand):
 
         line = stderr_progress(every=5.0)
         cfg_args = dict(
-            inputs=opts["inputs"], clusters=opts["clusters"], workers=opts["workers"], broker=opts["broker"],
+            inputs=opts["inputs"], clusters=opts["clusters"], workers=opts["workers"],
+            broker=opts["broker"] or settings.PIPELINE_OPS_BROKER,
             queue=queue_name_for(settings.TEST_DB_TAG), seed=opts["seed"], timeout=opts["timeout"],
             latency_ms=opts["latency_ms"], error_rate=opts["error_rate"], rate_429=opts["rate_429"],
             stall_rate=opts["stall_rate"], stall_seconds=opts["stall_seconds"], client_timeout=opts["client_timeout"],
@@ -166,7 +168,8 @@ class Command(BaseCommand):
         argv = ["chaos"]
         for name in ("inputs", "workers", "clusters", "broker", "seed", "timeout", "stall_rate", "stall_seconds",
                      "client_timeout", "error_rate", "rate_429", "latency_ms", "db_fault_interval", "lock_timeout_ms"):
-            argv += [f"--{name.replace('_', '-')}", str(opts[name])]
+            if opts[name] is not None:  # an unset --broker is decided by the run's own settings
+                argv += [f"--{name.replace('_', '-')}", str(opts[name])]
         argv += [f"--{flag.replace('_', '-')}" for flag in ("json", "naive", "naive_only", "no_kills", "db_faults") if opts[flag]]
         _ensure_database(database_url)
         env = {**os.environ, "DATABASE_URL": database_url}
