@@ -347,8 +347,8 @@ def complete(
 
     Call it outside any transaction (its atomic block is then the whole commit). Raises whatever
     ``write`` raises, except an ``IntegrityError`` caused by a winner's row, which means fenced.
+    The times it writes are the database's (``now`` only in tests).
     """
-    now = now or timezone.now()
     try:
         # Without a domain write there is nothing to roll back when the key is not ours (the
         # conditional UPDATE wrote nothing): no savepoint inside a caller's transaction (the API's).
@@ -373,13 +373,14 @@ def complete(
 
 
 def completion_refused(
-    *, attempt: Attempt, details: dict | None, now: datetime, refused_by: BaseException | None = None
+    *, attempt: Attempt, details: dict | None, now: datetime | None = None, refused_by: BaseException | None = None
 ) -> Completion:
     """What a completion whose conditional UPDATE matched nothing (or whose write the database
     refused while the attempt no longer held the key) amounts to, after its transaction was
     rolled back: FENCED with the winner's result, or "already completed by this attempt" when
     its own earlier commit landed unseen. For callers that complete in their own statement
     (``complete_sql``) as much as for ``complete``."""
+    now = now or db_now(model=IdempotencyRecord)  # the attempt's ending, in the database's time
     reason = (
         f"finished late; the database refused its write ({type(refused_by).__name__})" if refused_by is not None
         else "finished after a newer attempt took the key; its write was rolled back"
@@ -677,8 +678,19 @@ class CompletionParts:
     ended_params: list
 
 
-def completion_parts(*, attempt: Attempt, result: Any, details: dict | None, now: datetime, connection) -> CompletionParts:
-    """The SQL of ``attempt``'s completion with ``result`` (PostgreSQL or SQLite)."""
+# The completion's time columns: on PostgreSQL the statement computes them from the database's
+# clock (``statement_timestamp()``), as the claim does, so a worker whose host clock is off
+# cannot move a key's expiry (the purge compares it on the database's clock) or its times.
+_DB_CLOCK_COLUMNS = {"completed_at": None, "updated_at": None, "finished_at": None, "expires_at": "retention"}
+
+
+def completion_parts(
+    *, attempt: Attempt, result: Any, details: dict | None, now: datetime | None, connection
+) -> CompletionParts:
+    """The SQL of ``attempt``'s completion with ``result`` (PostgreSQL or SQLite). ``now`` None:
+    the database's clock (on SQLite that is this host's); a time only in tests."""
+    db_clock = now is None and connection.vendor == "postgresql"
+    now = now or timezone.now()
     record_changes: dict[str, Any] = dict(
         status=RecordStatus.COMPLETED, result=result, completed_at=now, lease_expires_at=None,
         retry_at=None, error_summary="", updated_at=now, expires_at=now + _retention(),
@@ -688,28 +700,31 @@ def completion_parts(*, attempt: Attempt, result: Any, details: dict | None, now
         attempt_changes["details"] = details
     sources = attempt_sources(AttemptStatus.SUCCEEDED)
     held_sql, ended_sql, record_fields, attempt_fields = _completion_statements(
-        connection, tuple(record_changes), tuple(attempt_changes), len(sources)
+        connection, tuple(record_changes), tuple(attempt_changes), len(sources), db_clock
     )
+
+    def values(fields, changes):
+        for f in fields:
+            if not (db_clock and f.name in _DB_CLOCK_COLUMNS):
+                yield f.get_db_prep_save(changes[f.name], connection)
+            elif _DB_CLOCK_COLUMNS[f.name] == "retention":
+                yield _retention().total_seconds()
+
     # The fencing condition: the record moves only while this attempt holds the key.
     attempt_id = Attempt._meta.pk.get_db_prep_value(attempt.pk, connection)
-    held_params = [
-        *(f.get_db_prep_save(record_changes[f.name], connection) for f in record_fields),
-        attempt.record_id, RecordStatus.PROCESSING, attempt.number, attempt_id,
-    ]
-    ended_params = [
-        *(f.get_db_prep_save(attempt_changes[f.name], connection) for f in attempt_fields),
-        attempt_id, *sources,
-    ]
+    held_params = [*values(record_fields, record_changes), attempt.record_id, RecordStatus.PROCESSING, attempt.number, attempt_id]
+    ended_params = [*values(attempt_fields, attempt_changes), attempt_id, *sources]
     return CompletionParts(held_sql, held_params, ended_sql, ended_params)
 
 
-def _complete_held(*, attempt: Attempt, result: Any, details: dict | None, now: datetime) -> bool:
+def _complete_held(*, attempt: Attempt, result: Any, details: dict | None, now: datetime | None) -> bool:
     """Move the record to COMPLETED and the attempt to SUCCEEDED if the attempt holds the key.
 
     Must run inside the completion's transaction. False (nothing written) if it does not hold it.
     """
     connection = _db_for(IdempotencyRecord)
     if connection.vendor not in _FAST_VENDORS:
+        now = now or db_now(using=connection.alias)
         record_changes: dict[str, Any] = dict(
             status=RecordStatus.COMPLETED, result=result, completed_at=now, lease_expires_at=None,
             retry_at=None, error_summary="", updated_at=now, expires_at=now + _retention(),
@@ -800,9 +815,10 @@ def new_key_parts(
 _COMPLETION_STATEMENTS: dict[tuple, tuple[str, str, list, list]] = {}
 
 
-def _completion_statements(connection, record_names: tuple, attempt_names: tuple, source_count: int):
-    """The two conditional UPDATEs of a completion (SQL text and fields), built once per shape."""
-    cache_key = (connection.vendor, record_names, attempt_names, source_count)
+def _completion_statements(connection, record_names: tuple, attempt_names: tuple, source_count: int, db_clock: bool = False):
+    """The two conditional UPDATEs of a completion (SQL text and fields), built once per shape.
+    ``db_clock``: the time columns are the statement's own clock (``_DB_CLOCK_COLUMNS``)."""
+    cache_key = (connection.vendor, record_names, attempt_names, source_count, db_clock)
     if cache_key in _COMPLETION_STATEMENTS:
         return _COMPLETION_STATEMENTS[cache_key]
     qn = connection.ops.quote_name
@@ -812,8 +828,16 @@ def _completion_statements(connection, record_names: tuple, attempt_names: tuple
 
     record_fields = [IdempotencyRecord._meta.get_field(name) for name in record_names]
     attempt_fields = [Attempt._meta.get_field(name) for name in attempt_names]
+
+    def assignments(fields) -> str:
+        def value(f) -> str:
+            if not (db_clock and f.name in _DB_CLOCK_COLUMNS):
+                return "%s"
+            return _PG_NOW_PLUS if _DB_CLOCK_COLUMNS[f.name] == "retention" else _PG_NOW
+        return ", ".join(f"{qn(f.column)} = {value(f)}" for f in fields)
+
     held_sql = (
-        f"UPDATE {qn(IdempotencyRecord._meta.db_table)} SET {', '.join(f'{qn(f.column)} = %s' for f in record_fields)} "
+        f"UPDATE {qn(IdempotencyRecord._meta.db_table)} SET {assignments(record_fields)} "
         f"WHERE {col(IdempotencyRecord, 'id')} = %s AND {col(IdempotencyRecord, 'status')} = %s "
         f"AND {col(IdempotencyRecord, 'attempt_count')} = %s "
         # The attempt's own row must belong to this record (see ``_held_by``).
@@ -821,7 +845,7 @@ def _completion_statements(connection, record_names: tuple, attempt_names: tuple
         f"AND {col(Attempt, 'record')} = {qn(IdempotencyRecord._meta.db_table)}.{col(IdempotencyRecord, 'id')})"
     )
     ended_sql = (
-        f"UPDATE {qn(Attempt._meta.db_table)} SET {', '.join(f'{qn(f.column)} = %s' for f in attempt_fields)} "
+        f"UPDATE {qn(Attempt._meta.db_table)} SET {assignments(attempt_fields)} "
         f"WHERE {col(Attempt, 'id')} = %s AND {col(Attempt, 'status')} IN ({', '.join(['%s'] * source_count)})"
     )
     _COMPLETION_STATEMENTS[cache_key] = held_sql, ended_sql, record_fields, attempt_fields

@@ -16,10 +16,9 @@ so a decision read from the locking CTE (a step's status) cannot be stale.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime
 
 from django.conf import settings
-from django.db import connections, router, transaction
+from django.db import IntegrityError, connections, router, transaction
 from django_q.models import OrmQ
 
 from idempotency import guard
@@ -27,7 +26,7 @@ from idempotency.models import Attempt
 
 from .. import pg_broker
 from ..models import PipelineInput, StepOutput, StepRun
-from ..queueing import step_task_row, uses_transactional_broker
+from ..queueing import step_run_enqueue, step_task_row, uses_transactional_broker
 from ..states import InputStatus, StepStatus, step_sources
 
 
@@ -43,6 +42,7 @@ def _in(values) -> str:
     return ", ".join(["%s"] * len(values))
 
 
+_NOW = "statement_timestamp()"  # the database's clock (idempotency.clock)
 _RUNNABLE = step_sources(StepStatus.RUNNING)
 _SUCCEEDABLE = step_sources(StepStatus.SUCCEEDED)
 _INPUT_ROLLS_UP_FROM = [InputStatus.PENDING, InputStatus.RUNNING, InputStatus.FAILED]
@@ -77,9 +77,9 @@ def step_claim_new(
         f"rec AS ({parts.record_sql}), "
         f"att AS ({parts.attempt_sql}), "
         f"moved AS (UPDATE {steps} SET status = %s, attempts_used = {steps}.attempts_used + 1, "
-        f"started_at = COALESCE({steps}.started_at, statement_timestamp()), next_attempt_at = NULL, "
-        f"idempotency_record_id = rec.id, updated_at = statement_timestamp() FROM rec WHERE {steps}.id = %s RETURNING 1), "
-        f"input_moved AS (UPDATE {inputs} SET status = %s, finished_at = NULL, updated_at = statement_timestamp() "
+        f"started_at = COALESCE({steps}.started_at, {_NOW}), next_attempt_at = NULL, "
+        f"idempotency_record_id = rec.id, updated_at = {_NOW} FROM rec WHERE {steps}.id = %s RETURNING 1), "
+        f"input_moved AS (UPDATE {inputs} SET status = %s, finished_at = NULL, updated_at = {_NOW} "
         f"FROM input_lock, rec WHERE {inputs}.id = input_lock.id RETURNING 1) "
         f"SELECT (SELECT count(*) FROM step), att.record_id, att.started_at FROM (SELECT 1) AS one LEFT JOIN att ON true"
     )
@@ -108,7 +108,7 @@ class StepLeftRunningError(Exception):
 
 def step_complete(
     *, step_run: StepRun, attempt: Attempt, output: dict, details: dict | None, next_step_id: int | None,
-    input_running: bool, ack_id: int | None, now: datetime,
+    input_running: bool, ack_id: int | None,
 ) -> guard.Completion:
     """Complete ``attempt`` with ``output``: the key COMPLETED and the attempt SUCCEEDED (the
     guard's fenced UPDATEs), the output stored, the step SUCCEEDED, the next step QUEUED with its
@@ -117,6 +117,9 @@ def step_complete(
     the last step (or an input not RUNNING) rolls the input up in the same transaction: in the
     statement itself when every other step succeeded, else with ``input_roll_up``.
 
+    Every time it writes is the database's (``statement_timestamp()``), as the claim's: a worker
+    whose host clock is off moves no expiry and no "last changed" that the purge judges.
+
     Fenced or refused: nothing is written and the guard says why (``guard.completion_refused``).
     Raises StepLeftRunningError (nothing written) when the attempt held the key but the step had
     left RUNNING, and IntegrityError for a domain write the database refused while it held it.
@@ -124,13 +127,12 @@ def step_complete(
     from .inputs import input_roll_up
 
     connection = connections[router.db_for_write(StepRun)]
-    parts = guard.completion_parts(attempt=attempt, result=output, details=details, now=now, connection=connection)
+    parts = guard.completion_parts(attempt=attempt, result=output, details=details, now=None, connection=connection)
     roll_up = next_step_id is None or not input_running
     on_orm_table = uses_transactional_broker()
     queue_key, payload = step_task_row(step_run_id=next_step_id) if next_step_id is not None and on_orm_table else (None, None)
     notify_channel = pg_broker.notify_channel(queue_key) if queue_key is not None and settings.PIPELINE_OPS_BROKER == "postgres" else None
     steps, inputs, outputs, queue = _table(StepRun), _table(PipelineInput), _table(StepOutput), _table(OrmQ)
-    prep = connection.ops
     output_field = StepOutput._meta.get_field("output")
     input_id = PipelineInput._meta.pk.get_db_prep_value(step_run.input_id, connection)
     sql = (
@@ -140,82 +142,68 @@ def step_complete(
         f"held AS ({parts.held_sql} AND (SELECT count(*) FROM input_lock) >= 0 "
         f"AND EXISTS (SELECT 1 FROM lk WHERE id = %s AND status IN ({_in(_SUCCEEDABLE)})) RETURNING 1), "
         f"ended AS ({parts.ended_sql} AND EXISTS (SELECT 1 FROM held) RETURNING 1), "
-        f"done AS (UPDATE {steps} SET status = %s, finished_at = %s, last_error = '', next_attempt_at = NULL, updated_at = %s "
+        f"done AS (UPDATE {steps} SET status = %s, finished_at = {_NOW}, last_error = '', next_attempt_at = NULL, updated_at = {_NOW} "
         f"WHERE id = %s AND EXISTS (SELECT 1 FROM held) RETURNING id), "
         f"stored AS (INSERT INTO {outputs} (step_run_id, input_id, step, attempt_id, output, created_at) "
-        f"SELECT id, %s, %s, %s, %s, %s FROM done RETURNING 1), "
-        f"queued AS (UPDATE {steps} SET status = %s, enqueued_at = statement_timestamp(), updated_at = %s "
+        f"SELECT id, %s, %s, %s, %s, {_NOW} FROM done RETURNING 1), "
+        f"queued AS (UPDATE {steps} SET status = %s, enqueued_at = {_NOW}, updated_at = {_NOW} "
         f"WHERE id = %s AND status = %s AND EXISTS (SELECT 1 FROM done) RETURNING id), "
-        f"sent AS (INSERT INTO {queue} (key, payload, lock) SELECT %s, %s, statement_timestamp() FROM queued WHERE %s RETURNING 1), "
+        f"sent AS (INSERT INTO {queue} (key, payload, lock) SELECT %s, %s, {_NOW} FROM queued WHERE %s RETURNING 1), "
         f"acked AS (DELETE FROM {queue} WHERE id = %s AND EXISTS (SELECT 1 FROM done) RETURNING 1), "
         # The last step of a chain whose other steps all succeeded (they cannot move any more:
         # nothing leaves SUCCEEDED) makes the input SUCCEEDED; any other shape is rolled up by
         # ``input_roll_up`` in the same transaction.
-        f"rolled AS (UPDATE {inputs} SET status = %s, finished_at = %s, updated_at = %s "
+        f"rolled AS (UPDATE {inputs} SET status = %s, finished_at = {_NOW}, updated_at = {_NOW} "
         f"WHERE id = %s AND %s AND status IN ({_in(_INPUT_ROLLS_UP_FROM)}) AND EXISTS (SELECT 1 FROM done) "
         f"AND NOT EXISTS (SELECT 1 FROM {steps} WHERE input_id = %s AND id <> %s AND status <> %s) RETURNING 1) "
-        f"SELECT (SELECT count(*) FROM held), (SELECT count(*) FROM done), (SELECT count(*) FROM queued), "
-        f"(SELECT count(*) FROM rolled)"
+        f"SELECT (SELECT count(*) FROM held), (SELECT count(*) FROM queued), (SELECT count(*) FROM rolled)"
         # The PostgreSQL broker's wake-up, sent at commit (a CTE nobody reads would never run).
         + (", (SELECT count(pg_notify(%s, '')) FROM sent)" if notify_channel else "")
     )
-    at = prep.adapt_datetimefield_value(now)
     params = [
         step_run.pk, next_step_id,
         input_id, roll_up,
         *parts.held_params, step_run.pk, *_SUCCEEDABLE,
         *parts.ended_params,
-        StepStatus.SUCCEEDED, at, at, step_run.pk,
+        StepStatus.SUCCEEDED, step_run.pk,
         input_id, step_run.step, Attempt._meta.pk.get_db_prep_value(attempt.pk, connection),
-        output_field.get_db_prep_save(output, connection), at,
-        StepStatus.QUEUED, at, next_step_id, StepStatus.PENDING,
+        output_field.get_db_prep_save(output, connection),
+        StepStatus.QUEUED, next_step_id, StepStatus.PENDING,
         queue_key, payload, queue_key is not None,
         ack_id,
-        InputStatus.SUCCEEDED, at, at, input_id, next_step_id is None, *_INPUT_ROLLS_UP_FROM,
+        InputStatus.SUCCEEDED, input_id, next_step_id is None, *_INPUT_ROLLS_UP_FROM,
         input_id, step_run.pk, StepStatus.SUCCEEDED,
         *([notify_channel] if notify_channel else []),
     ]
 
-    def run() -> tuple[int, int, int, int]:
+    def run() -> tuple[int, int, int]:
         with connection.cursor() as cursor:
             cursor.execute(sql, params)
-            return cursor.fetchone()[:4]
+            return cursor.fetchone()[:3]
 
     try:
+        # ``done`` follows ``held`` alone (the step is locked and may succeed): "held" says all.
         if roll_up:
             with transaction.atomic(using=connection.alias):
-                held, done, queued, rolled = run()
-                if held and done and not rolled:
-                    input_roll_up(input_id=step_run.input_id, now=now)
-                _after(held=held, done=done, queued=queued, next_step_id=next_step_id, on_orm_table=on_orm_table)
+                held, queued, rolled = run()
+                if held and not rolled:
+                    input_roll_up(input_id=step_run.input_id)
         else:
-            held, done, queued, _ = run()
-            _after(held=held, done=done, queued=queued, next_step_id=next_step_id, on_orm_table=on_orm_table)
-    except StepLeftRunningError:
-        raise
-    except Exception as exc:
-        from django.db import IntegrityError
-
-        if not isinstance(exc, IntegrityError) or guard.held_by(attempt):
+            held, queued, _ = run()
+    except IntegrityError as exc:
+        if guard.held_by(attempt):
             raise
-        return guard.completion_refused(attempt=attempt, details=details, now=now, refused_by=exc)
+        return guard.completion_refused(attempt=attempt, details=details, refused_by=exc)
     if held:
+        if queued and not on_orm_table:
+            # Redis: the next step's message is sent now that the completion has committed.
+            step_run_enqueue(step_run_id=next_step_id)
         return guard.Completion(fenced=False, result=output)
     if guard.held_by(attempt):
         # Nothing was written: the key is still ours, but the step moved on without us (an
         # operator's move that did not take the key away).
         raise StepLeftRunningError(f"step run {step_run.pk} left RUNNING while attempt #{attempt.number} held its key")
-    return guard.completion_refused(attempt=attempt, details=details, now=now)
-
-
-def _after(*, held: int, done: int, queued: int, next_step_id: int | None, on_orm_table: bool) -> None:
-    if held and not done:  # cannot happen: done is conditional on held alone, under the step's lock
-        raise AssertionError("the key completed but its step did not move")
-    if queued and not on_orm_table:
-        # Redis: the next step's message is sent once the completion has committed.
-        from ..queueing import step_run_enqueue
-
-        step_run_enqueue(step_run_id=next_step_id)
+    return guard.completion_refused(attempt=attempt, details=details)
 
 
 # --- the read ----------------------------------------------------------------------------------

@@ -93,9 +93,12 @@ def step_run_queue_next(*, step_run: StepRun, now: datetime | None = None) -> in
     queued it. The conditional PENDING -> QUEUED makes it exactly once however many callers race.
     Call inside the transaction that completes ``step_run`` (the enqueue joins it)."""
     now = now or timezone.now()
-    next_id = (
-        StepRun.objects.filter(input_id=step_run.input_id, position=step_run.position + 1).values_list("pk", flat=True).first()
-    )
+    if hasattr(step_run, "next_step_id"):  # the step's own read found it (``_step_run_read``)
+        next_id = step_run.next_step_id
+    else:
+        next_id = StepRun.objects.filter(
+            input_id=step_run.input_id, position=step_run.position + 1
+        ).values_list("pk", flat=True).first()
     if next_id is None:
         return None
     if StepRun.objects.filter(pk=next_id, status=StepStatus.PENDING).update(
@@ -147,8 +150,8 @@ def _one_statement_path() -> bool:
 
 
 _EARLIER_OUTPUTS_SQL = {
-    # One object {step: output} of the outputs of the steps before this one.
-    "postgresql": "json_object_agg(o.step, o.output)",
+    # One object {step: output} of the outputs of the steps before this one (PostgreSQL reads
+    # them in ``hotpath_postgresql.step_read``).
     "sqlite": "json_group_object(o.step, json(o.output))",
 }
 
@@ -174,8 +177,7 @@ def _step_run_read(*, step_run_id: int) -> StepRun | None:
     if step_run is None:
         return None
     if aggregate is not None:
-        raw = step_run.earlier_outputs_json
-        step_run.earlier_outputs = (json.loads(raw) if isinstance(raw, str) else raw) or {}
+        step_run.earlier_outputs = json.loads(step_run.earlier_outputs_json or "{}")
     else:
         step_run.earlier_outputs = dict(
             StepOutput.objects.filter(input_id=step_run.input_id, step_run__position__lt=step_run.position).values_list("step", "output")
@@ -342,7 +344,7 @@ def _step_run_complete(*, step_run: StepRun, step: Step, attempt: Attempt, outpu
             return hotpath_postgresql.step_complete(
                 step_run=step_run, attempt=attempt, output=output, details=details or None,
                 next_step_id=step_run.next_step_id, input_running=step_run.input.status == InputStatus.RUNNING,
-                ack_id=delivery_ack_id(), now=now,
+                ack_id=delivery_ack_id(),
             )
         return guard.complete(attempt=attempt, result=output, write=write, details=details or None)
 

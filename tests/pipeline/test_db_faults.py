@@ -432,3 +432,40 @@ def test_worker_whose_clock_runs_ahead_never_takes_a_live_lease_over(counted_ste
     assert holder.result(60) == Outcome.SUCCEEDED
     assert_succeeded_once(pipeline_input, step_run, calls)
     assert StepOutput.objects.get(step_run=step_run).output == {"attempt": 1}
+
+
+def test_worker_whose_clock_runs_ahead_completes_in_the_databases_time(counted_step):
+    """A host two hours ahead runs and completes a step: every time its completion writes (the
+    key's completion and expiry, the attempt's end, the step's end, the output's creation) is the
+    database's, so the purge (which judges expiry on the database's clock) keeps the key for the
+    retention, not the retention plus the host's error. With the host's clock the key would expire
+    two hours late and the step would have finished in the future."""
+    assert FAKETIME_LIB.exists(), "libfaketime is missing: `make browser` installs it"
+    from idempotency import conf as idempotency_conf
+    from idempotency.clock import db_now
+
+    pipeline_input, step_run, _, _ = counted_step()
+    settings_dict = connection.settings_dict
+    url = f"postgres://{settings_dict['USER'] or 'postgres'}@{settings_dict['HOST'] or '127.0.0.1'}:{settings_dict['PORT'] or 5432}/{settings_dict['NAME']}"
+    command = {"step_run_id": step_run.pk, "step": "counted", "pipeline": "fault_pipe", "lease": 30.0, "rounds": 1, "pause": 0}
+    env = {**os.environ, "DJANGO_SETTINGS_MODULE": "tests.settings", "DATABASE_URL": url, "PYTHONPATH": str(ROOT),
+           "LD_PRELOAD": str(FAKETIME_LIB), "FAKETIME": "+7200s", "FAKETIME_DONT_RESET": "1"}
+    child = subprocess.run([sys.executable, "-m", "tests.pipeline.skew_child", json.dumps(command)],
+                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    lines = [json.loads(line[len("SKEW "):]) for line in child.stdout.splitlines() if line.startswith("SKEW ")]
+    assert child.returncode == 0 and lines and lines[-1] == {"done": True}, child.stderr[-3000:]
+    assert lines[0]["host_ahead_seconds"] > 7000, lines[0]  # the clock really was off
+    assert lines[1]["outcome"] == Outcome.SUCCEEDED, lines
+
+    now = db_now()
+    hour = 3600
+    record = IdempotencyRecord.objects.get(scope="step", key=step_run.idempotency_key)
+    attempt = Attempt.objects.get(record=record)
+    step_run.refresh_from_db()
+    output = StepOutput.objects.get(step_run=step_run)
+    for name, moment in {"completed_at": record.completed_at, "record updated_at": record.updated_at,
+                         "attempt finished_at": attempt.finished_at, "step finished_at": step_run.finished_at,
+                         "output created_at": output.created_at}.items():
+        assert moment <= now, f"{name} is in the database's future: {moment} > {now}"
+    retention = idempotency_conf.get("RETENTION_HOURS") * hour
+    assert (record.expires_at - now).total_seconds() <= retention, (record.expires_at, now)

@@ -27,7 +27,7 @@ pytestmark = pytest.mark.django_db(transaction=True)
 # SQLite runs the same protocol as ORM transactions (no network: its statements cost microseconds).
 STEP_BUDGET = {
     "postgresql": {"first": 3, "middle": 3, "last": 5},
-    "sqlite": {"first": 22, "middle": 17, "last": 17},
+    "sqlite": {"first": 21, "middle": 16, "last": 16},
 }
 
 
