@@ -220,7 +220,8 @@ def idempotent_call(
     deadline = time.monotonic() + max(0.0, wait_seconds)
     waited = False
     while True:
-        outcome = _claim(scope=scope, key=key, operation=operation, fingerprint=fingerprint, lease_seconds=lease_seconds)
+        # In autocommit: a new key is one statement and its own commit, seen in flight at once.
+        outcome = guard.claim(scope=scope, key=key, operation=operation, fingerprint=fingerprint, lease_seconds=lease_seconds)
         match outcome:
             case guard.Claimed(attempt=attempt):
                 response = _run(attempt, perform, on_claimed, lease_seconds=lease_seconds)
@@ -244,12 +245,6 @@ def idempotent_call(
     if waited:
         response["Preference-Applied"] = preference_applied_wait(wait_seconds)
     return response
-
-
-def _claim(**kwargs) -> guard.ClaimOutcome:
-    """``guard.claim`` in autocommit: a new key is one statement and its own commit (no BEGIN,
-    no savepoint, no COMMIT round trips), so concurrent requests see it in flight at once."""
-    return guard.claim(**kwargs)
 
 
 def _run(

@@ -195,12 +195,12 @@ Q_CLUSTER = {
     # polls only as its fallback (set below).
     "poll": float(os.environ.get("Q_POLL", "0.05")),
     "timeout": STEP_TIMEOUT_SECONDS,
-    # Q_RETRY_SECONDS: only for chaos runs and cluster tests, which SIGKILL clusters and want the
-    # prefetched tasks of a dead cluster back in seconds; keep it >= 2 * timeout + margin.
     # A dequeued task waits behind at most queue_limit + bulk - 1 others (the pusher blocks on a
     # full queue holding the rest of its batch), so it starts and ends within
-    # ((queue_limit + bulk) / workers + 1) * timeout: only then may its row be handed out again.
-    "retry": env_int("Q_RETRY_SECONDS", ((_q_workers + _q_bulk) // _q_workers + 1) * STEP_TIMEOUT_SECONDS + 120),
+    # (ceil((queue_limit + bulk) / workers) + 1) * timeout: only then may its row be handed out
+    # again. Q_RETRY_SECONDS: only for chaos runs and cluster tests, which SIGKILL clusters and
+    # want a dead cluster's prefetched tasks back in seconds.
+    "retry": env_int("Q_RETRY_SECONDS", (-(-(_q_workers + _q_bulk) // _q_workers) + 1) * STEP_TIMEOUT_SECONDS + 120),
     # A task whose function raised (a bug, a hard timeout) is acknowledged too: our Attempt table
     # decides retries (the reconciler re-sends a step whose message is gone), not a redelivery loop.
     "ack_failures": True,
